@@ -1,0 +1,1 @@
+"""ZeroMQ message broker for telemetry-streamer: topics, acknowledgments, stats over HTTP."""

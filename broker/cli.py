@@ -1,0 +1,81 @@
+"""`telemetry-broker`: run the broker on its own (`serve`).
+
+Every option can also be set from the environment as TELEMETRY_BROKER_<OPTION>
+(TELEMETRY_BROKER_PORT=5555, TELEMETRY_BROKER_HOST=0.0.0.0, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+import click
+
+from . import console
+from .config import BrokerConfig
+from .logs import FORMATS, LEVELS, setup_logging
+from .protocol import MAX_MESSAGE_BYTES
+
+log = logging.getLogger("broker")
+PORT = click.IntRange(0, 65535)
+
+
+def env(name: str) -> str:
+    return "TELEMETRY_BROKER_" + name
+
+
+@click.group(context_settings={"show_default": True, "max_content_width": 100})
+def command():
+    """The telemetry-streamer message broker."""
+
+
+@command.command()
+@click.option("--host", default="127.0.0.1", envvar=env("HOST"), help="ZeroMQ bind address (0.0.0.0 in a cluster).")
+@click.option("--port", type=PORT, default=5555, envvar=env("PORT"), help="ZeroMQ port (0 = any free port).")
+@click.option("--http-host", default=None, envvar=env("HTTP_HOST"), help="HTTP bind address [default: same as --host].")
+@click.option("--http-port", type=PORT, default=8080, envvar=env("HTTP_PORT"), help="HTTP port (0 = any free port).")
+@click.option("--max-message-bytes", type=click.IntRange(min=64), default=MAX_MESSAGE_BYTES, envvar=env("MAX_MESSAGE_BYTES"), help="Largest message accepted.")
+@click.option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="info", envvar=env("LOG_LEVEL"))
+@click.option("--log-format", type=click.Choice(FORMATS), default="text", envvar=env("LOG_FORMAT"))
+def serve(host, port, http_host, http_port, max_message_bytes, log_level, log_format):
+    """Serve producers over ZeroMQ and stats over HTTP until SIGINT/SIGTERM."""
+    cfg = BrokerConfig(host=host, port=port, http_host=http_host or host, http_port=http_port, max_message_bytes=max_message_bytes)
+    setup_logging(log_level, log_format, component="broker")
+    import uvloop
+
+    from .server import BrokerStartError
+
+    try:
+        return uvloop.run(_serve(cfg))
+    except BrokerStartError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+async def _serve(cfg: BrokerConfig) -> int:
+    """start, serve until a signal, close; a second signal exits at once."""
+    from .server import Broker
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            os._exit(1)  # a second signal: exit now, without waiting for anything
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    broker = Broker(cfg)
+    await broker.start()
+    await stop.wait()
+    broker.drain()
+    topic_counts = ", ".join(f"{name}={topic.messages}" for name, topic in broker.topics.items())
+    await broker.close()
+    log.info("Broker stopped: accepted %s", topic_counts or "nothing")
+    return 0
+
+
+def main() -> None:
+    console.run(command, "telemetry-broker")

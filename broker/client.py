@@ -1,0 +1,198 @@
+"""Python client for the broker's wire protocol (`broker.protocol`).
+
+`Publisher` sends batches to one topic and counts a message as published only once the broker
+has acknowledged it. Unacknowledged batches stay in a bounded window: the publisher waits for
+room when it is full (backpressure, never a silent drop), resends them when acknowledgments stop
+coming, and resends from the broker's expected sequence number after a gap. The broker's
+de-duplication makes every resend safe.
+
+    pub = Publisher("tcp://127.0.0.1:5555", "telemetry")
+    await pub.start()
+    await pub.publish(b'{"a":1}\\n{"a":2}', 2)
+    await pub.flush(timeout=10)
+    await pub.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+
+import orjson
+import zmq
+import zmq.asyncio
+
+from . import protocol as p
+
+log = logging.getLogger("broker.client")
+
+DEFAULT_WINDOW = 100_000  # unacknowledged messages a publisher holds before it waits
+ACK_TIMEOUT_S = 2.0  # resend what is unacknowledged after this long
+MAX_RESEND_INTERVAL_S = 30.0
+
+
+class _Batch:
+    __slots__ = ("first_seq", "count", "body", "sent_at")
+
+    def __init__(self, first_seq: int, count: int, body: bytes, sent_at: float):
+        self.first_seq = first_seq
+        self.count = count
+        self.body = body
+        self.sent_at = sent_at
+
+
+class Publisher:
+    def __init__(
+        self,
+        url: str,
+        topic: str,
+        *,
+        window: int = DEFAULT_WINDOW,
+        ack_timeout: float = ACK_TIMEOUT_S,
+        context: zmq.asyncio.Context | None = None,
+    ):
+        if not p.valid_topic(topic):
+            raise ValueError(f"invalid topic name {topic!r}")
+        self.url = url
+        self.topic = topic
+        self.window = window
+        self.ack_timeout = ack_timeout
+        self.producer_id = os.urandom(p.PRODUCER_ID_BYTES)
+        self.published = 0  # messages the broker acknowledged
+        self.rejected = 0  # messages the broker refused as invalid (never resent)
+        self.resends = 0  # batches sent again
+        self._topic = topic.encode()
+        self._next_seq = 0
+        self._inflight: deque[_Batch] = deque()
+        self._inflight_messages = 0
+        self._changed = asyncio.Event()  # set whenever acknowledgments free room
+        self._ctx = context
+        self._own_ctx = context is None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._resend_interval = ack_timeout
+        self._last_gap: tuple[int, float] = (-1, 0.0)
+
+    @property
+    def unacked(self) -> int:
+        return self._inflight_messages
+
+    async def start(self) -> None:
+        if self._ctx is None:
+            self._ctx = zmq.asyncio.Context()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 1000)
+        sock.setsockopt(zmq.RCVHWM, 10_000)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.connect(self.url)
+        self._sock = sock
+        self._tasks = [asyncio.create_task(self._receive_acks()), asyncio.create_task(self._resend_overdue())]
+
+    # -- the hot path --------------------------------------------------------------------------
+
+    async def publish(self, body: bytes, count: int) -> None:
+        """Send `count` newline-joined messages as one batch; waits while the window is full."""
+        while self._inflight and self._inflight_messages + count > self.window:
+            self._changed.clear()
+            await self._changed.wait()
+        batch = _Batch(self._next_seq, count, body, time.monotonic())
+        self._next_seq += count
+        self._inflight.append(batch)
+        self._inflight_messages += count
+        await self._sock.send_multipart(p.publish_frames(self._topic, self.producer_id, batch.first_seq, count, body), copy=False)
+
+    async def report(self, counters: dict) -> None:
+        """Tell the broker this producer's own cumulative counters (shown in its stats)."""
+        await self._sock.send_multipart(p.report_frames(self._topic, self.producer_id, orjson.dumps(counters)))
+
+    # -- acknowledgments -----------------------------------------------------------------------
+
+    async def _receive_acks(self) -> None:
+        sock = self._sock
+        while True:
+            frames = await sock.recv_multipart()
+            if len(frames) < 3 or frames[0] != p.SIGNATURE:
+                continue
+            if frames[1] == p.ACK and len(frames[2]) == p.ACK_BODY.size:
+                first_seq, count, _offset = p.ACK_BODY.unpack(frames[2])
+                self._acknowledged(first_seq + count)
+            elif frames[1] == p.NACK and len(frames) >= 5 and len(frames[2]) == p.NACK_BODY.size:
+                first_seq, count, expected = p.NACK_BODY.unpack(frames[2])
+                await self._refused(first_seq, count, expected, frames[3], frames[4].decode(errors="replace"))
+
+    def _acknowledged(self, end_seq: int) -> None:
+        """Everything before `end_seq` is in the broker (it accepts in sequence order only)."""
+        inflight = self._inflight
+        freed = 0
+        while inflight and inflight[0].first_seq + inflight[0].count <= end_seq:
+            freed += inflight.popleft().count
+        if freed:
+            self.published += freed
+            self._inflight_messages -= freed
+            self._resend_interval = self.ack_timeout
+            self._changed.set()
+
+    async def _refused(self, first_seq: int, count: int, expected: int, code: bytes, reason: str) -> None:
+        if code == p.NACK_SEQUENCE:
+            self._acknowledged(expected)
+            # every batch behind a gap is refused the same way: resend once per gap, not per refusal
+            now = time.monotonic()
+            if self._inflight and (expected != self._last_gap[0] or now - self._last_gap[1] >= self.ack_timeout):
+                self._last_gap = (expected, now)
+                await self._resend(f"broker expects sequence {expected}")
+        elif code == p.NACK_INVALID:
+            dropped = [b for b in self._inflight if b.first_seq == first_seq]
+            for batch in dropped:
+                self._inflight.remove(batch)
+                self._inflight_messages -= batch.count
+                self.rejected += batch.count
+            log.error("Broker refused %d messages as invalid (%s); they are not resent", count, reason)
+            self._changed.set()
+        # NACK_UNAVAILABLE: the batch stays in flight and is resent when overdue.
+
+    async def _resend_overdue(self) -> None:
+        while True:
+            await asyncio.sleep(min(0.5, self.ack_timeout / 2))
+            if self._inflight and time.monotonic() - self._inflight[0].sent_at >= self._resend_interval:
+                await self._resend(f"no acknowledgment for {self._resend_interval:.1f} s")
+                self._resend_interval = min(self._resend_interval * 2, MAX_RESEND_INTERVAL_S)
+
+    async def _resend(self, why: str) -> None:
+        log.warning("Resending %d unacknowledged messages to %s (%s)", self._inflight_messages, self.url, why)
+        now = time.monotonic()
+        for batch in list(self._inflight):
+            batch.sent_at = now
+            self.resends += 1
+            await self._sock.send_multipart(p.publish_frames(self._topic, self.producer_id, batch.first_seq, batch.count, batch.body), copy=False)
+
+    # -- drain and close -----------------------------------------------------------------------
+
+    async def flush(self, timeout: float) -> bool:
+        """Wait until every sent message is acknowledged; False if `timeout` passed first."""
+        deadline = time.monotonic() + timeout
+        while self._inflight:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                return not self._inflight
+        return True
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+        if self._own_ctx and self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None

@@ -1,0 +1,17 @@
+"""The broker's configuration: one frozen dataclass, built by a CLI from its options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .protocol import MAX_MESSAGE_BYTES
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    host: str = "127.0.0.1"  # ZeroMQ bind address
+    port: int = 5555  # ZeroMQ port; 0 picks a free one
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080  # 0 picks a free one
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    topics: tuple[str, ...] = ("telemetry",)  # created at start, so their stats answer at once

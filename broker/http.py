@@ -1,0 +1,84 @@
+"""The broker's HTTP side (aiohttp): statistics and health.
+
+    GET /stats            every topic's stats, and broker-wide counters
+    GET /stats/<topic>    one topic's stats; 404 with a JSON error if the topic is unknown
+    GET /healthz          200 while the broker is serving
+    GET /readyz           200 while serving, 503 once a drain has begun
+
+Every error, including unknown paths and wrong methods, is a JSON object {"error": ...}.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from aiohttp import web
+
+log = logging.getLogger("broker.http")
+
+BROKER = web.AppKey("broker", object)
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.content_type == "application/json":
+            raise
+        return _json({"error": exc.reason, "path": request.path}, status=exc.status)
+    except Exception:
+        log.exception("HTTP: error while answering %s %s", request.method, request.path)
+        return _json({"error": "internal error"}, status=500)
+
+
+async def _all_stats(request: web.Request) -> web.Response:
+    return _json(request.app[BROKER].stats())
+
+
+async def _topic_stats(request: web.Request) -> web.Response:
+    name = request.match_info["topic"]
+    stats = request.app[BROKER].topic_stats(name)
+    if stats is None:
+        return _json({"error": f"unknown topic {name!r}"}, status=404)
+    return _json(stats)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    if request.app[BROKER].draining:
+        return _json({"status": "draining"}, status=503)
+    return _json({"status": "ready"})
+
+
+def make_app(broker) -> web.Application:
+    app = web.Application(middlewares=[_json_errors])
+    app[BROKER] = broker
+    app.router.add_get("/stats", _all_stats)
+    app.router.add_get("/stats/{topic}", _topic_stats)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    return app
+
+
+async def start_http(broker, host: str, port: int) -> tuple[web.AppRunner, str]:
+    """Serve the app on host:port (0 picks a free port); returns the runner and the base URL."""
+    runner = web.AppRunner(make_app(broker), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    bound_host, bound_port = runner.addresses[0][:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    return runner, f"http://{shown}:{bound_port}"

@@ -1,0 +1,79 @@
+"""The wire protocol between producers and the broker, version 1 ("TLM1").
+
+Transport: ZeroMQ. The broker binds a ROUTER socket; producers connect DEALER sockets. Every
+message is multipart; frame 0 is the signature, frame 1 the command. Integers are big-endian.
+
+Producer -> broker
+
+    PUBLISH  | "TLM1" | "P" | topic (UTF-8) | PUB_HEADER | body
+             PUB_HEADER (28 B) = producer id (16 B) | first seq (u64) | count (u32)
+             body = `count` messages joined by b"\\n"; each message is one compact JSON object
+             (so it holds no raw newline), at most --max-message-bytes long.
+    REPORT   | "TLM1" | "R" | topic | producer id (16 B) | JSON object      (no reply)
+             the producer's own cumulative counters, e.g. {"name": "worker-0@host",
+             "skipped": {"field_count": 2}}; the broker keeps the latest per producer.
+
+Broker -> producer (routed back to the sending DEALER)
+
+    ACK      | "TLM1" | "A" | ACK_BODY
+             ACK_BODY (20 B) = first seq (u64) | count (u32) | first offset (u64)
+             first offset is DUPLICATE when every message was already accepted before.
+    NACK     | "TLM1" | "N" | NACK_BODY | code (1 B) | reason (UTF-8)
+             NACK_BODY (20 B) = first seq (u64) | count (u32) | expected seq (u64)
+             code "S": sequence gap; resend from `expected seq`.
+             code "U": the broker cannot store now (e.g. disk error); retry later.
+             code "I": invalid batch (topic, size, count); retrying cannot help.
+
+Sequence numbers are per producer and start anywhere; a producer id is 16 random bytes drawn
+when the producer starts, so ids are unique across processes, restarts and machines. The broker
+accepts a producer's batches in sequence order only: a batch it has already accepted is
+acknowledged again as DUPLICATE and not stored twice, so retrying is always safe.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+
+SIGNATURE = b"TLM1"
+
+PUBLISH = b"P"
+REPORT = b"R"
+ACK = b"A"
+NACK = b"N"
+
+NACK_SEQUENCE = b"S"
+NACK_UNAVAILABLE = b"U"
+NACK_INVALID = b"I"
+
+PUB_HEADER = struct.Struct(">16sQI")
+ACK_BODY = struct.Struct(">QIQ")
+NACK_BODY = struct.Struct(">QIQ")
+PRODUCER_ID_BYTES = 16
+DUPLICATE = 2**64 - 1
+
+MAX_MESSAGE_BYTES = 1 << 20  # default per-message cap
+SEPARATOR = b"\n"
+
+TOPIC_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def valid_topic(name: str) -> bool:
+    """Topic names become directory names: ASCII letters, digits, '.', '_', '-'; 1-128 long."""
+    return TOPIC_PATTERN.fullmatch(name) is not None
+
+
+def publish_frames(topic: bytes, producer_id: bytes, first_seq: int, count: int, body: bytes) -> list[bytes]:
+    return [SIGNATURE, PUBLISH, topic, PUB_HEADER.pack(producer_id, first_seq, count), body]
+
+
+def report_frames(topic: bytes, producer_id: bytes, report: bytes) -> list[bytes]:
+    return [SIGNATURE, REPORT, topic, producer_id, report]
+
+
+def ack_frames(first_seq: int, count: int, first_offset: int) -> list[bytes]:
+    return [SIGNATURE, ACK, ACK_BODY.pack(first_seq, count, first_offset)]
+
+
+def nack_frames(first_seq: int, count: int, code: bytes, reason: str, expected_seq: int = 0) -> list[bytes]:
+    return [SIGNATURE, NACK, NACK_BODY.pack(first_seq, count, expected_seq), code, reason.encode()]

@@ -1,0 +1,205 @@
+"""The broker: a ZeroMQ ROUTER that accepts producers' batches into topics and acknowledges them,
+with its HTTP side (stats, health) in the same event loop.
+
+Its life is a short story: `start()` binds both sockets, `serve` runs as tasks in the caller's
+loop, `drain()` says that shutdown has begun (readiness turns 503, producers are still served so
+they can flush), `close()` stops receiving and closes the sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+
+import orjson
+import zmq
+import zmq.asyncio
+
+from . import protocol as p
+from .config import BrokerConfig
+from .topic import SequenceGap, Topic
+
+log = logging.getLogger("broker")
+
+_BAD_FRAME_LOG_INTERVAL_S = 10.0
+_MAX_BATCH_FRAME = 256 << 20  # larger frames are refused by ZeroMQ before they reach us
+
+
+class BrokerStartError(Exception):
+    """The broker cannot start (address in use, bad address); the message is one line for the user."""
+
+
+class Broker:
+    def __init__(self, config: BrokerConfig):
+        self.config = config
+        self.topics: dict[str, Topic] = {name: Topic(name) for name in config.topics}
+        self.bad_frames: Counter = Counter()  # frames that are not the protocol, by reason
+        self.started = time.monotonic()
+        self.draining = False
+        self.zmq_url = ""
+        self.http_url = ""
+        self._ctx: zmq.asyncio.Context | None = None
+        self._router: zmq.asyncio.Socket | None = None
+        self._http = None
+        self._tasks: list[asyncio.Task] = []
+        self._bad_frames_logged_at: dict[str, float] = {}
+
+    # -- start ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind ZeroMQ and HTTP (port 0 picks a free port) and start serving."""
+        from .http import start_http  # aiohttp is only needed once a broker starts
+
+        cfg = self.config
+        self._ctx = zmq.asyncio.Context()
+        router = self._ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.MAXMSGSIZE, max(_MAX_BATCH_FRAME, cfg.max_message_bytes * 4))
+        router.setsockopt(zmq.RCVHWM, 10_000)
+        router.setsockopt(zmq.SNDHWM, 10_000)
+        address = f"tcp://{cfg.host}:{cfg.port or '*'}"
+        try:
+            router.bind(address)
+        except zmq.ZMQError as exc:
+            router.close()
+            self._ctx.term()
+            raise BrokerStartError(f"cannot listen for ZeroMQ on {cfg.host}:{cfg.port}: {exc.strerror}") from None
+        self._router = router
+        self.zmq_url = router.getsockopt_string(zmq.LAST_ENDPOINT)
+        try:
+            self._http, self.http_url = await start_http(self, cfg.http_host, cfg.http_port)
+        except OSError as exc:
+            await self.close()
+            raise BrokerStartError(f"cannot listen for HTTP on {cfg.http_host}:{cfg.http_port}: {exc.strerror or exc}") from None
+        self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._sample_rates())]
+        log.info("Broker listening: ZeroMQ %s, HTTP %s (stats at %s/stats/%s)", self.zmq_url, self.http_url, self.http_url, cfg.topics[0] if cfg.topics else "<topic>")
+
+    # -- serve ---------------------------------------------------------------------------------
+
+    async def _receive(self) -> None:
+        router = self._router
+        while True:
+            frames = await router.recv_multipart()
+            try:
+                self._handle(frames)
+            except Exception:  # a bug must not stop the broker serving everyone else
+                log.exception("Broker: error while handling a frame; frame ignored")
+                self._bad_frame("internal_error")
+
+    def _handle(self, frames: list[bytes]) -> None:
+        if len(frames) < 3 or frames[1] != p.SIGNATURE:
+            self._bad_frame("not_protocol")
+            return
+        command = frames[2]
+        if command == p.PUBLISH and len(frames) == 6:
+            self._publish(frames[0], frames[3], frames[4], frames[5])
+        elif command == p.REPORT and len(frames) == 6:
+            self._report(frames[3], frames[4], frames[5])
+        else:
+            self._bad_frame("unknown_command")
+
+    def _publish(self, identity: bytes, topic_name: bytes, header: bytes, body: bytes) -> None:
+        if len(header) != p.PUB_HEADER.size:
+            self._bad_frame("bad_header")
+            return
+        producer_id, first_seq, count = p.PUB_HEADER.unpack(header)
+        topic = self._topic(topic_name)
+        reason = None
+        if topic is None:
+            reason = "bad_topic"
+        elif count < 1 or body.count(p.SEPARATOR) + 1 != count:
+            reason = "count_mismatch"
+        elif len(body) > self.config.max_message_bytes and max(map(len, body.split(p.SEPARATOR))) > self.config.max_message_bytes:
+            reason = "message_too_large"
+        if reason is not None:
+            if topic is not None:
+                topic.rejected[reason] += count
+            self._bad_frame(reason)
+            self._send(identity, p.nack_frames(first_seq, count, p.NACK_INVALID, reason))
+            return
+        try:
+            first_offset, _stored, _body = topic.append(producer_id, first_seq, count, body)
+        except SequenceGap as gap:
+            self._send(identity, p.nack_frames(first_seq, count, p.NACK_SEQUENCE, "sequence gap", gap.expected))
+            return
+        self._send(identity, p.ack_frames(first_seq, count, first_offset))
+
+    def _report(self, topic_name: bytes, producer_id: bytes, report: bytes) -> None:
+        topic = self._topic(topic_name)
+        try:
+            value = orjson.loads(report)
+        except orjson.JSONDecodeError:
+            value = None
+        if topic is None or not isinstance(value, dict) or len(producer_id) != p.PRODUCER_ID_BYTES:
+            self._bad_frame("bad_report")
+            return
+        producer = topic.producers.get(producer_id)
+        if producer is not None:  # reports from producers that never published are not kept
+            producer.report = value
+
+    def _topic(self, raw: bytes) -> Topic | None:
+        try:
+            name = raw.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        topic = self.topics.get(name)
+        if topic is None and p.valid_topic(name):
+            topic = self.topics[name] = Topic(name)
+            log.info("Broker: new topic %r", name)
+        return topic
+
+    def _send(self, identity: bytes, frames: list[bytes]) -> None:
+        # ROUTER never blocks: a reply to a peer that is gone or full is dropped, and the
+        # producer's retransmission covers it.
+        self._router.send_multipart([identity, *frames])
+
+    def _bad_frame(self, reason: str) -> None:
+        self.bad_frames[reason] += 1
+        now = time.monotonic()
+        if now - self._bad_frames_logged_at.get(reason, -1e9) >= _BAD_FRAME_LOG_INTERVAL_S:
+            self._bad_frames_logged_at[reason] = now
+            log.warning("Broker: ignored a bad frame (%s); %d so far", reason, self.bad_frames[reason])
+
+    async def _sample_rates(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for topic in list(self.topics.values()):
+                topic.sample_rate(now)
+
+    # -- stats ---------------------------------------------------------------------------------
+
+    def topic_stats(self, name: str) -> dict | None:
+        topic = self.topics.get(name)
+        return None if topic is None else topic.stats(self.started)
+
+    def stats(self) -> dict:
+        return {
+            "topics": {name: topic.stats(self.started) for name, topic in self.topics.items()},
+            "bad_frames": dict(self.bad_frames),
+            "uptime_s": round(time.monotonic() - self.started, 3),
+        }
+
+    # -- drain and close -----------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Shutdown has begun: readiness fails from now on, but producers are still served."""
+        self.draining = True
+
+    async def close(self) -> None:
+        """Stop receiving, close the HTTP server and the ZeroMQ socket."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._http is not None:
+            await self._http.cleanup()
+            self._http = None
+        if self._router is not None:
+            self._router.close(linger=0)
+            self._router = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None

@@ -1,0 +1,1 @@
+"""telemetry-streamer: replay CSV rows as timestamped JSON messages into a topic."""

@@ -1,0 +1,128 @@
+"""`telemetry-streamer`: the command line, turned into one StreamerConfig.
+
+Every option can also be set from the environment as TELEMETRY_STREAMER_<OPTION> (dashes
+become underscores: TELEMETRY_STREAMER_WORKERS=5, TELEMETRY_STREAMER_BROKER_URL=...).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+
+import click
+
+from broker import console
+from broker.config import BrokerConfig
+from broker.logs import FORMATS, LEVELS, setup_logging
+from broker.protocol import valid_topic
+
+from .config import StreamerConfig, WorkerConfig
+from .csvsource import CsvError, check_csv
+from .infer import parse_column_type
+
+ENV_PREFIX = "TELEMETRY_STREAMER_"
+PORT = click.IntRange(0, 65535)
+_BROKER_URL = re.compile(r"(tcp://[^\s:/]+|tcp://\[[0-9a-fA-F:]+\]):[0-9]{1,5}|ipc://\S+")
+
+
+def env(name: str) -> str:
+    return ENV_PREFIX + name
+
+
+class Rate(click.ParamType):
+    """Messages per second: a finite number >= 0, fractions allowed; 0 means unthrottled."""
+
+    name = "rate"
+
+    def convert(self, value, param, ctx):
+        try:
+            rate = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of messages per second", param, ctx)
+        if not math.isfinite(rate) or rate < 0:
+            self.fail(f"{value!r} must be a finite number >= 0 (0 means unthrottled)", param, ctx)
+        return rate
+
+
+def _topic(ctx, param, value: str) -> str:
+    if not valid_topic(value):
+        raise click.BadParameter(f"{value!r}: use 1-128 of A-Z a-z 0-9 . _ - (starting with a letter or digit)")
+    return value
+
+
+def _broker_url(ctx, param, value: str | None) -> str | None:
+    if value is not None and not _BROKER_URL.fullmatch(value):
+        raise click.BadParameter(f"{value!r} is not tcp://HOST:PORT")
+    return value
+
+
+def _column_types(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
+    types: dict[str, str] = {}
+    for spec in values:
+        try:
+            name, type_name = parse_column_type(spec)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+        types[name] = type_name
+    return types
+
+
+@click.command(context_settings={"show_default": True, "max_content_width": 100})
+@click.option("--csv", "csv_path", required=True, envvar=env("CSV"), help="CSV file to stream (read again from the start at its end).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, envvar=env("WORKERS"), help="Worker processes.")
+@click.option("--rate", type=Rate(), default=1.0, envvar=env("RATE"), help="Messages per second per worker (fractions allowed; 0 = unthrottled).")
+@click.option("--topic", default="telemetry", callback=_topic, envvar=env("TOPIC"), help="Topic to publish to.")
+@click.option("--broker-url", default=None, callback=_broker_url, envvar=env("BROKER_URL"), help="Publish to a separate broker (tcp://HOST:PORT) instead of the embedded one.")
+@click.option("--broker-port", type=PORT, default=5555, envvar=env("BROKER_PORT"), help="Embedded broker's ZeroMQ port on 127.0.0.1 (0 = any free port).")
+@click.option("--http-host", default="127.0.0.1", envvar=env("HTTP_HOST"), help="Embedded broker's HTTP address.")
+@click.option("--http-port", type=PORT, default=8080, envvar=env("HTTP_PORT"), help="Embedded broker's HTTP port (0 = any free port).")
+@click.option("--shutdown-timeout", type=click.FloatRange(min=0, max=3600), default=10.0, envvar=env("SHUTDOWN_TIMEOUT"), help="Seconds a drain waits for acknowledgments.")
+@click.option("--column-type", "column_types", multiple=True, callback=_column_types, envvar=env("COLUMN_TYPE"), metavar="NAME=TYPE", help="Force a column's type: bool, int, float or string (repeatable).")
+@click.option("--buffer-messages", type=click.IntRange(min=1), default=100_000, envvar=env("BUFFER_MESSAGES"), help="Unacknowledged messages a worker holds before it pauses reading.")
+@click.option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="info", envvar=env("LOG_LEVEL"))
+@click.option("--log-format", type=click.Choice(FORMATS), default="text", envvar=env("LOG_FORMAT"), help="text for people, json for log pipelines.")
+def command(csv_path, workers, rate, topic, broker_url, broker_port, http_host, http_port, shutdown_timeout, column_types, buffer_messages, log_level, log_format):
+    """Stream a CSV file's rows as timestamped JSON messages into a topic, from N worker processes."""
+    try:
+        header = check_csv(csv_path)
+    except CsvError as exc:
+        raise click.ClickException(f"cannot stream {exc}") from None
+    unknown = [name for name in column_types if name not in header]
+    if unknown:
+        raise click.BadParameter(f"no column named {unknown[0]!r} in {csv_path} (columns: {', '.join(header)})", param_hint="'--column-type'")
+    cfg = StreamerConfig(
+        workers=workers,
+        worker=WorkerConfig(
+            csv=csv_path,
+            rate=rate,
+            topic=topic,
+            broker_url=broker_url or "",
+            column_types=column_types,
+            shutdown_timeout=shutdown_timeout,
+            buffer_messages=buffer_messages,
+            log_level=log_level.lower(),
+            log_format=log_format,
+        ),
+        broker=None if broker_url else BrokerConfig(host="127.0.0.1", port=broker_port, http_host=http_host, http_port=http_port, topics=(topic,)),
+    )
+    setup_logging(log_level, log_format, component="streamer")
+    logging.getLogger("streamer").info("CSV %s: columns %s", csv_path, ", ".join(header))
+    return _serve(cfg)
+
+
+def _serve(cfg: StreamerConfig) -> int:
+    import uvloop
+
+    from broker.server import BrokerStartError
+
+    from .supervisor import Supervisor
+
+    try:
+        return uvloop.run(Supervisor(cfg).run())
+    except BrokerStartError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def main() -> None:
+    console.run(command, "telemetry-streamer")

@@ -1,0 +1,30 @@
+"""The streamer's configuration: one frozen dataclass per process, built by `streamer.cli`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from broker.config import BrokerConfig
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything one worker process needs; picklable, passed to it at spawn."""
+
+    csv: str
+    rate: float  # messages per second for this worker; 0 = unthrottled
+    topic: str
+    broker_url: str
+    column_types: dict[str, str] = field(default_factory=dict)
+    shutdown_timeout: float = 10.0
+    buffer_messages: int = 100_000  # unacknowledged messages held before reading pauses
+    batch_messages: int = 1000  # largest batch sent in one frame
+    log_level: str = "info"
+    log_format: str = "text"
+
+
+@dataclass(frozen=True)
+class StreamerConfig:
+    workers: int
+    worker: WorkerConfig  # broker_url is empty when the broker is embedded
+    broker: BrokerConfig | None  # the embedded broker's config, None with --broker-url

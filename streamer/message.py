@@ -1,0 +1,46 @@
+"""The message envelope, built per message on the hot path.
+
+    {"timestamp":"2025-10-17T13:27:41.129926216Z","fields":{...}}
+
+`timestamp` is the processing time (RFC 3339, UTC, nanoseconds, `Z`); `fields` is the row's
+pre-encoded JSON object from `streamer.csvsource`, spliced in unchanged. A batch is the
+newline-joined messages (the wire protocol's batch body, see `broker.protocol`).
+
+Per message this costs one clock read and one bytes format: the "YYYY-MM-DDTHH:MM:SS." prefix
+is rebuilt only when the second changes.
+"""
+
+from __future__ import annotations
+
+import time
+from time import time_ns
+
+_NS = 1_000_000_000
+
+
+class Envelope:
+    """Wraps encoded `fields` objects into timestamped messages."""
+
+    __slots__ = ("_second", "_prefix")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = b""
+
+    def _prefix_for(self, second: int) -> bytes:
+        self._second = second
+        self._prefix = b'{"timestamp":"' + time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second)).encode()
+        return self._prefix
+
+    def batch(self, rows: list[bytes]) -> bytes:
+        """The batch body for these rows: one message per row, each stamped as it is built."""
+        out = []
+        append = out.append
+        second, prefix = self._second, self._prefix
+        for fields in rows:
+            now = time_ns()
+            if now // _NS != second:
+                second = now // _NS
+                prefix = self._prefix_for(second)
+            append(b'%s%09dZ","fields":%s}' % (prefix, now - second * _NS, fields))
+        return b"\n".join(out)

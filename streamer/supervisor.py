@@ -1,0 +1,188 @@
+"""The streamer's parent process: the embedded broker, the worker processes, and the drain.
+
+    start   bind the embedded broker (unless --broker-url), spawn N worker processes
+    run     until SIGINT/SIGTERM: watch workers, restart one that dies (with backoff)
+    drain   readiness fails; workers get SIGTERM, stop reading, flush until acknowledged
+            (bounded by --shutdown-timeout) and report their final counts
+    close   stop the broker; log the summary: published=<total> and per-worker counts
+
+Signal handlers only flip state: the first asks for a drain, a second forces an immediate exit
+(workers are killed). Workers never outlive this process (PR_SET_PDEATHSIG, see worker.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import dataclass, field, replace
+
+from broker.server import Broker
+
+from . import worker
+from .config import StreamerConfig
+
+log = logging.getLogger("streamer")
+
+DRAIN_GRACE_S = 5.0  # beyond --shutdown-timeout, before a worker that has not exited is killed
+RESTART_MIN_S, RESTART_MAX_S = 1.0, 30.0
+
+
+@dataclass
+class WorkerSlot:
+    """One worker index and the process currently filling it; counts survive restarts."""
+
+    index: int
+    process: multiprocessing.process.BaseProcess | None = None
+    conn: object = None
+    status: dict = field(default_factory=dict)  # latest status from the current process
+    published_before: int = 0  # published by earlier processes of this slot
+    unacked_before: int = 0
+    restarts: int = 0
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def published(self) -> int:
+        return self.published_before + self.status.get("published", 0)
+
+    @property
+    def unacked(self) -> int:
+        return self.unacked_before + self.status.get("unacked", 0)
+
+
+class Supervisor:
+    def __init__(self, cfg: StreamerConfig):
+        self.cfg = cfg
+        self.broker: Broker | None = None
+        self.slots = [WorkerSlot(i) for i in range(cfg.workers)]
+        self.should_exit = asyncio.Event()
+        self.force_exit = asyncio.Event()
+        self._draining = False
+        self._mp = multiprocessing.get_context("spawn")
+        self._worker_cfg = cfg.worker
+
+    # -- signals only flip state -------------------------------------------------------------------
+
+    def _on_signal(self, signum: int) -> None:
+        if self.should_exit.is_set():
+            self.force_exit.set()
+        self.should_exit.set()
+
+    # -- the story ---------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        await self._start()
+        await self.should_exit.wait()
+        log.info("Shutdown requested: draining %d workers (timeout %.1f s)", len(self.slots), self._worker_cfg.shutdown_timeout)
+        forced = await self._drain()
+        return await self._close(forced)
+
+    async def _start(self) -> None:
+        cfg = self.cfg
+        if cfg.broker is not None:
+            self.broker = Broker(cfg.broker)
+            await self.broker.start()  # raises BrokerStartError before any worker exists
+            self._worker_cfg = replace(cfg.worker, broker_url=self.broker.zmq_url)
+        w = self._worker_cfg
+        rate = f"{w.rate:g} messages/s per worker" if w.rate > 0 else "unthrottled"
+        log.info("Starting %d workers, %s, topic %r, broker %s", cfg.workers, rate, w.topic, w.broker_url)
+        for slot in self.slots:
+            self._spawn(slot)
+
+    def _spawn(self, slot: WorkerSlot) -> None:
+        receiver, sender = self._mp.Pipe(duplex=False)
+        process = self._mp.Process(
+            target=worker.main, args=(self._worker_cfg, slot.index, sender, os.getpid()), name=f"worker-{slot.index}", daemon=False
+        )
+        process.start()
+        sender.close()
+        slot.process, slot.conn, slot.status = process, receiver, {}
+        slot.exited = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_reader(receiver.fileno(), self._read_status, slot)
+        loop.add_reader(process.sentinel, self._on_exit, slot)
+
+    def _read_status(self, slot: WorkerSlot) -> None:
+        conn = slot.conn
+        try:
+            while conn.poll():
+                slot.status = conn.recv()
+        except (EOFError, OSError):
+            asyncio.get_running_loop().remove_reader(conn.fileno())
+
+    def _on_exit(self, slot: WorkerSlot) -> None:
+        loop = asyncio.get_running_loop()
+        process = slot.process
+        loop.remove_reader(process.sentinel)
+        process.join()
+        self._read_status(slot)  # the final status, if it sent one
+        loop.remove_reader(slot.conn.fileno())
+        slot.conn.close()
+        slot.exited.set()
+        if self._draining:
+            return
+        slot.published_before += slot.status.get("published", 0)
+        slot.unacked_before += slot.status.get("unacked", 0)
+        slot.status = {}
+        slot.restarts += 1
+        delay = min(RESTART_MIN_S * 2 ** (slot.restarts - 1), RESTART_MAX_S)
+        log.error("Worker %d exited unexpectedly (exit code %s); restarting in %.0f s", slot.index, process.exitcode, delay)
+        loop.call_later(delay, self._respawn, slot)
+
+    def _respawn(self, slot: WorkerSlot) -> None:
+        if not self._draining:
+            self._spawn(slot)
+
+    async def _drain(self) -> bool:
+        """Ask every worker to drain and wait for them; returns True if the exit was forced."""
+        self._draining = True
+        if self.broker is not None:
+            self.broker.drain()
+        live = [s for s in self.slots if s.process is not None and not s.exited.is_set()]
+        for slot in live:
+            _signal(slot.process, signal.SIGTERM)
+        deadline = self._worker_cfg.shutdown_timeout + DRAIN_GRACE_S
+        all_exited = asyncio.gather(*(s.exited.wait() for s in live))
+        forced = asyncio.ensure_future(self.force_exit.wait())
+        done, _ = await asyncio.wait({all_exited, forced}, timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
+        forced.cancel()
+        if all_exited not in done:
+            all_exited.cancel()
+            stragglers = [s for s in live if not s.exited.is_set()]
+            why = "second signal" if self.force_exit.is_set() else f"still running {deadline:.0f} s after the drain began"
+            log.error("Killing %d workers (%s)", len(stragglers), why)
+            for slot in stragglers:
+                _signal(slot.process, signal.SIGKILL)
+            await asyncio.gather(*(s.exited.wait() for s in stragglers))
+            return True
+        return False
+
+    async def _close(self, forced: bool) -> int:
+        accepted = None
+        if self.broker is not None:
+            stats = self.broker.topic_stats(self._worker_cfg.topic)
+            accepted = stats["messages"] if stats else 0
+            await self.broker.close()
+        published = sum(s.published for s in self.slots)
+        unacked = sum(s.unacked for s in self.slots)
+        per_worker = ", ".join(f"worker {s.index}={s.published}" for s in self.slots)
+        summary = f"Drained: published={published} ({per_worker}) unacknowledged={unacked}"
+        if accepted is not None:
+            summary += f" broker_accepted={accepted}"
+        if forced:
+            summary = "Forced exit: " + summary.removeprefix("Drained: ")
+        log.info("%s", summary)
+        return 1 if forced or unacked else 0
+
+
+def _signal(process, signum: int) -> None:
+    try:
+        os.kill(process.pid, signum)
+    except ProcessLookupError:
+        pass

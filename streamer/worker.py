@@ -1,0 +1,169 @@
+"""One worker process: read the CSV pass after pass, wrap rows as messages, publish them under
+the worker's own rate limit, and drain on SIGTERM.
+
+The per-message path is `Envelope.batch` (one clock read and one format per message); everything
+else here happens per batch or per pass.
+
+The parent receives a status dict over a pipe about once a second and once more at exit:
+{"sent", "published", "unacked", "rejected", "skipped", "passes", "final"}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from multiprocessing.connection import Connection
+
+from broker.client import Publisher
+from broker.logs import setup_logging
+
+from .config import WorkerConfig
+from .csvsource import CsvError, CsvSource, take
+from .message import Envelope
+from .rate import RateLimit
+
+log = logging.getLogger("streamer.worker")
+
+PROGRESS_INTERVAL_S = 10.0  # "Worker i: Processed N records" at most this often
+STATUS_INTERVAL_S = 1.0
+RETRY_MIN_S, RETRY_MAX_S = 0.5, 30.0  # backoff while the file is missing or unusable
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Make the kernel kill this process when its parent dies, even by SIGKILL (Linux)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def main(cfg: WorkerConfig, index: int, status: Connection, parent_pid: int) -> None:
+    """Entry point of a worker process (spawned by the supervisor)."""
+    die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole group; the parent decides
+    setup_logging(cfg.log_level, cfg.log_format, component="worker", worker=index)
+    try:
+        import uvloop
+
+        uvloop.run(Worker(cfg, index, status, parent_pid).run())
+    except Exception:
+        log.exception("Worker %d: crashed", index)
+        sys.exit(1)
+
+
+class Worker:
+    def __init__(self, cfg: WorkerConfig, index: int, status: Connection, parent_pid: int):
+        self.cfg = cfg
+        self.index = index
+        self.label = f"Worker {index}"
+        self.status = status
+        self.parent_pid = parent_pid
+        self.sent = 0
+        self.source = CsvSource(cfg.csv, cfg.column_types, label=self.label)
+        self.publisher = Publisher(cfg.broker_url, cfg.topic, window=cfg.buffer_messages)
+        self.name = f"worker-{index}@{socket.gethostname()}/{os.getpid()}"
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        """Start, produce until told to stop, then drain: flush what is sent, report, exit."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        await self.publisher.start()
+        log.info("%s started (pid %d, producer %s)", self.label, os.getpid(), self.publisher.producer_id.hex())
+        producing = asyncio.create_task(self._produce())
+        reporting = asyncio.create_task(self._report_periodically())
+        stopping = asyncio.create_task(self._stop.wait())
+        await asyncio.wait({producing, stopping}, return_when=asyncio.FIRST_COMPLETED)
+
+        # drain: stop reading, wait for what is sent to be acknowledged, report, close
+        for task in (producing, reporting, stopping):
+            task.cancel()
+        results = await asyncio.gather(producing, reporting, stopping, return_exceptions=True)
+        await self._report_to_broker()  # ahead of the flush, so it arrives before the last ACK
+        flushed = await self.publisher.flush(self.cfg.shutdown_timeout)
+        if not flushed:
+            log.warning("%s: shutdown timeout (%.1f s): %d messages unacknowledged", self.label, self.cfg.shutdown_timeout, self.publisher.unacked)
+        self._send_status(final=True)
+        await self.publisher.close()
+        log.info("%s stopped: published=%d unacknowledged=%d", self.label, self.publisher.published, self.publisher.unacked)
+        if isinstance(results[0], Exception) and not isinstance(results[0], asyncio.CancelledError):
+            raise results[0]
+
+    async def _produce(self) -> None:
+        cfg, source, publisher = self.cfg, self.source, self.publisher
+        limit = RateLimit(cfg.rate, cfg.batch_messages) if cfg.rate > 0 else None
+        chunk = limit.chunk if limit else cfg.batch_messages
+        envelope = Envelope()
+        retry = RETRY_MIN_S
+        last_progress = last_restart_log = time.monotonic()
+        logged_sent = 0
+        while True:
+            produced = 0
+            try:
+                rows = source.open_pass()
+                while batch := take(rows, chunk):
+                    if limit:
+                        await limit.acquire(len(batch))
+                    await publisher.publish(envelope.batch(batch), len(batch))
+                    produced += len(batch)
+                    self.sent += len(batch)
+                    now = time.monotonic()
+                    if now - last_progress >= PROGRESS_INTERVAL_S:
+                        log.info("%s: Processed %d records (%.1f/s)", self.label, self.sent, (self.sent - logged_sent) / (now - last_progress))
+                        last_progress, logged_sent = now, self.sent
+            except (OSError, CsvError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                log.warning("%s: cannot read %s (%s); retrying in %.1f s", self.label, cfg.csv, reason, retry)
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, RETRY_MAX_S)
+                continue
+            if produced == 0:
+                log.warning("%s: no usable rows in %s; retrying in %.1f s", self.label, cfg.csv, retry)
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, RETRY_MAX_S)
+                continue
+            retry = RETRY_MIN_S
+            now = time.monotonic()
+            if source.passes == 1 or now - last_restart_log >= PROGRESS_INTERVAL_S:
+                log.info("%s: Reached end of CSV, restarting from beginning (pass %d)", self.label, source.passes)
+                last_restart_log = now
+
+    async def _report_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL_S)
+            if os.getppid() != self.parent_pid:  # orphaned where PDEATHSIG is unavailable
+                self._stop.set()
+            await self._report_to_broker()
+            self._send_status(final=False)
+
+    async def _report_to_broker(self) -> None:
+        """The worker's own counters (skipped rows) go to the broker's stats."""
+        try:
+            await self.publisher.report({"name": self.name, "skipped": dict(self.source.skipped), "sent": self.sent})
+        except Exception:  # the report is informative; never let it stop a drain
+            log.debug("%s: report to broker failed", self.label, exc_info=True)
+
+    def _send_status(self, final: bool) -> None:
+        status = {
+            "sent": self.sent,
+            "published": self.publisher.published,
+            "unacked": self.publisher.unacked,
+            "rejected": self.publisher.rejected,
+            "skipped": dict(self.source.skipped),
+            "passes": self.source.passes,
+            "final": final,
+        }
+        try:
+            self.status.send(status)
+        except OSError:  # parent gone
+            self._stop.set()
