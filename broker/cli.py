@@ -11,6 +11,8 @@ import logging
 import os
 import signal
 
+import functools
+
 import click
 
 from . import console
@@ -20,6 +22,7 @@ from .protocol import MAX_MESSAGE_BYTES
 
 log = logging.getLogger("broker")
 PORT = click.IntRange(0, 65535)
+option = functools.partial(click.option, show_envvar=True)
 
 
 def env(name: str) -> str:
@@ -32,13 +35,13 @@ def command():
 
 
 @command.command()
-@click.option("--host", default="127.0.0.1", envvar=env("HOST"), help="ZeroMQ bind address (0.0.0.0 in a cluster).")
-@click.option("--port", type=PORT, default=5555, envvar=env("PORT"), help="ZeroMQ port (0 = any free port).")
-@click.option("--http-host", default=None, envvar=env("HTTP_HOST"), help="HTTP bind address [default: same as --host].")
-@click.option("--http-port", type=PORT, default=8080, envvar=env("HTTP_PORT"), help="HTTP port (0 = any free port).")
-@click.option("--max-message-bytes", type=click.IntRange(min=64), default=MAX_MESSAGE_BYTES, envvar=env("MAX_MESSAGE_BYTES"), help="Largest message accepted.")
-@click.option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="info", envvar=env("LOG_LEVEL"))
-@click.option("--log-format", type=click.Choice(FORMATS), default="text", envvar=env("LOG_FORMAT"))
+@option("--host", default="127.0.0.1", envvar=env("HOST"), help="ZeroMQ bind address (0.0.0.0 in a cluster).")
+@option("--port", type=PORT, default=5555, envvar=env("PORT"), help="ZeroMQ port (0 = any free port).")
+@option("--http-host", default=None, envvar=env("HTTP_HOST"), help="HTTP bind address [default: same as --host].")
+@option("--http-port", type=PORT, default=8080, envvar=env("HTTP_PORT"), help="HTTP port (0 = any free port).")
+@option("--max-message-bytes", type=click.IntRange(min=64), default=MAX_MESSAGE_BYTES, envvar=env("MAX_MESSAGE_BYTES"), help="Largest message accepted.")
+@option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="info", envvar=env("LOG_LEVEL"))
+@option("--log-format", type=click.Choice(FORMATS), default="text", envvar=env("LOG_FORMAT"))
 def serve(host, port, http_host, http_port, max_message_bytes, log_level, log_format):
     """Serve producers over ZeroMQ and stats over HTTP until SIGINT/SIGTERM."""
     cfg = BrokerConfig(host=host, port=port, http_host=http_host or host, http_port=http_port, max_message_bytes=max_message_bytes)

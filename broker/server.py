@@ -24,7 +24,8 @@ from .topic import SequenceGap, Topic
 log = logging.getLogger("broker")
 
 _BAD_FRAME_LOG_INTERVAL_S = 10.0
-_MAX_BATCH_FRAME = 256 << 20  # larger frames are refused by ZeroMQ before they reach us
+_MAX_BATCH_FRAME = 256 << 20
+_YIELD_EVERY = 64  # frames handled before the receive loop lets other tasks run  # larger frames are refused by ZeroMQ before they reach us
 
 
 class BrokerStartError(Exception):
@@ -80,7 +81,13 @@ class Broker:
 
     async def _receive(self) -> None:
         router = self._router
+        handled = 0
         while True:
+            # a recv that finds data waiting completes without yielding to the loop: yield now and
+            # then, or a backlog would starve HTTP and signal handling
+            handled += 1
+            if handled % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
             frames = await router.recv_multipart()
             try:
                 self._handle(frames)

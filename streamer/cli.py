@@ -10,6 +10,8 @@ import logging
 import math
 import re
 
+import functools
+
 import click
 
 from broker import console
@@ -23,6 +25,7 @@ from .infer import parse_column_type
 
 ENV_PREFIX = "TELEMETRY_STREAMER_"
 PORT = click.IntRange(0, 65535)
+option = functools.partial(click.option, show_envvar=True)
 _BROKER_URL = re.compile(r"(tcp://[^\s:/]+|tcp://\[[0-9a-fA-F:]+\]):[0-9]{1,5}|ipc://\S+")
 
 
@@ -69,19 +72,19 @@ def _column_types(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
 
 
 @click.command(context_settings={"show_default": True, "max_content_width": 100})
-@click.option("--csv", "csv_path", required=True, envvar=env("CSV"), help="CSV file to stream (read again from the start at its end).")
-@click.option("--workers", type=click.IntRange(min=1), default=1, envvar=env("WORKERS"), help="Worker processes.")
-@click.option("--rate", type=Rate(), default=1.0, envvar=env("RATE"), help="Messages per second per worker (fractions allowed; 0 = unthrottled).")
-@click.option("--topic", default="telemetry", callback=_topic, envvar=env("TOPIC"), help="Topic to publish to.")
-@click.option("--broker-url", default=None, callback=_broker_url, envvar=env("BROKER_URL"), help="Publish to a separate broker (tcp://HOST:PORT) instead of the embedded one.")
-@click.option("--broker-port", type=PORT, default=5555, envvar=env("BROKER_PORT"), help="Embedded broker's ZeroMQ port on 127.0.0.1 (0 = any free port).")
-@click.option("--http-host", default="127.0.0.1", envvar=env("HTTP_HOST"), help="Embedded broker's HTTP address.")
-@click.option("--http-port", type=PORT, default=8080, envvar=env("HTTP_PORT"), help="Embedded broker's HTTP port (0 = any free port).")
-@click.option("--shutdown-timeout", type=click.FloatRange(min=0, max=3600), default=10.0, envvar=env("SHUTDOWN_TIMEOUT"), help="Seconds a drain waits for acknowledgments.")
-@click.option("--column-type", "column_types", multiple=True, callback=_column_types, envvar=env("COLUMN_TYPE"), metavar="NAME=TYPE", help="Force a column's type: bool, int, float or string (repeatable).")
-@click.option("--buffer-messages", type=click.IntRange(min=1), default=100_000, envvar=env("BUFFER_MESSAGES"), help="Unacknowledged messages a worker holds before it pauses reading.")
-@click.option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="info", envvar=env("LOG_LEVEL"))
-@click.option("--log-format", type=click.Choice(FORMATS), default="text", envvar=env("LOG_FORMAT"), help="text for people, json for log pipelines.")
+@option("--csv", "csv_path", required=True, envvar=env("CSV"), help="CSV file to stream (read again from the start at its end).")
+@option("--workers", type=click.IntRange(min=1), default=1, envvar=env("WORKERS"), help="Worker processes.")
+@option("--rate", type=Rate(), default=1.0, envvar=env("RATE"), help="Messages per second per worker (fractions allowed; 0 = unthrottled).")
+@option("--topic", default="telemetry", callback=_topic, envvar=env("TOPIC"), help="Topic to publish to.")
+@option("--broker-url", default=None, callback=_broker_url, envvar=env("BROKER_URL"), help="Publish to a separate broker (tcp://HOST:PORT) instead of the embedded one.")
+@option("--broker-port", type=PORT, default=5555, envvar=env("BROKER_PORT"), help="Embedded broker's ZeroMQ port on 127.0.0.1 (0 = any free port).")
+@option("--http-host", default="127.0.0.1", envvar=env("HTTP_HOST"), help="Embedded broker's HTTP address.")
+@option("--http-port", type=PORT, default=8080, envvar=env("HTTP_PORT"), help="Embedded broker's HTTP port (0 = any free port).")
+@option("--shutdown-timeout", type=click.FloatRange(min=0, max=3600), default=10.0, envvar=env("SHUTDOWN_TIMEOUT"), help="Seconds a drain waits for acknowledgments.")
+@option("--column-type", "column_types", multiple=True, callback=_column_types, envvar=env("COLUMN_TYPE"), metavar="NAME=TYPE", help="Force a column's type: bool, int, float or string (repeatable).")
+@option("--buffer-messages", type=click.IntRange(min=1), default=100_000, envvar=env("BUFFER_MESSAGES"), help="Unacknowledged messages a worker holds before it pauses reading.")
+@option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="info", envvar=env("LOG_LEVEL"))
+@option("--log-format", type=click.Choice(FORMATS), default="text", envvar=env("LOG_FORMAT"), help="text for people, json for log pipelines.")
 def command(csv_path, workers, rate, topic, broker_url, broker_port, http_host, http_port, shutdown_timeout, column_types, buffer_messages, log_level, log_format):
     """Stream a CSV file's rows as timestamped JSON messages into a topic, from N worker processes."""
     try:

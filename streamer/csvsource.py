@@ -45,6 +45,10 @@ class CsvError(Exception):
     """The file cannot be streamed at all (missing, unreadable, empty, no data rows, bad header)."""
 
 
+class NoUsableRows(CsvError):
+    """A whole pass produced no usable row."""
+
+
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
@@ -115,17 +119,60 @@ class CsvSource:
         self.cache_bytes = cache_bytes
         self.label = label or "Worker"
         self.skipped: Counter = Counter()  # by reason, over every pass
-        self.passes = 0
+        self.passes = 0  # passes started
+        self.completed_passes = 0
         self._cache: _Pass | None = None
+        self._rows: Iterator[bytes] | None = None  # the pass being read
+        self._rows_this_pass = 0
+        self._error: Exception | None = None  # raised by the next take(), after a partial batch
         self._logged_identity: tuple | None = None
         self._too_large_identity: tuple | None = None
 
-    def open_pass(self) -> Iterator[bytes]:
-        """Start the next pass. Raises OSError or CsvError when the file cannot be read now."""
-        st = os.stat(self.path)
-        identity = _identity(st)
-        self.passes += 1
+    def take(self, n: int) -> list[bytes]:
+        """The next n rows, continuing into the next pass when one ends.
+
+        The file is checked (stat) when a batch starts a new pass; a small file replayed several
+        times within one batch is checked once for that batch. Raises OSError or CsvError
+        (NoUsableRows for a pass without a usable row) when nothing can be read now; rows already
+        taken are returned first and the error is raised by the next call.
+        """
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        batch: list[bytes] = []
+        checked = False
+        try:
+            while len(batch) < n:
+                if self._rows is None:
+                    self._rows = self.open_pass(check=not checked)
+                    checked = True
+                    self._rows_this_pass = 0
+                before = len(batch)
+                batch.extend(islice(self._rows, n - before))
+                self._rows_this_pass += len(batch) - before
+                if len(batch) < n:  # the pass ended
+                    self._rows = None
+                    self.completed_passes += 1
+                    if self._rows_this_pass == 0:
+                        raise NoUsableRows(f"{self.path}: no usable rows")
+        except (OSError, CsvError) as exc:
+            self._rows = None
+            if not batch:
+                raise
+            self._error = exc
+        return batch
+
+    def open_pass(self, check: bool = True) -> Iterator[bytes]:
+        """Start the next pass. Raises OSError or CsvError when the file cannot be read now.
+
+        With check=False a complete cached pass is replayed without looking at the file.
+        """
         cache = self._cache
+        if not check and cache is not None and cache.complete:
+            identity = cache.identity
+        else:
+            identity = _identity(os.stat(self.path))
+        self.passes += 1
         if cache is not None and cache.identity == identity and cache.complete:
             self.skipped.update(cache.skipped)
             return iter(cache.rows)
@@ -197,8 +244,3 @@ class CsvSource:
         if keep and unchanged:  # a file edited mid-pass is parsed again next time
             current.complete = True
             self._cache = current
-
-
-def take(rows: Iterator[bytes], n: int) -> list[bytes]:
-    """The next n rows of a pass (fewer at its end)."""
-    return list(islice(rows, n))

@@ -29,6 +29,9 @@ log = logging.getLogger("streamer")
 
 DRAIN_GRACE_S = 5.0  # beyond --shutdown-timeout, before a worker that has not exited is killed
 RESTART_MIN_S, RESTART_MAX_S = 1.0, 30.0
+# A signal this soon after the first is the same request: `timeout` and some process managers
+# signal the process and then its group, so one stop arrives twice within microseconds.
+SIGNAL_DEBOUNCE_S = 0.5
 
 
 @dataclass
@@ -61,15 +64,19 @@ class Supervisor:
         self.should_exit = asyncio.Event()
         self.force_exit = asyncio.Event()
         self._draining = False
+        self._first_signal_at = 0.0
         self._mp = multiprocessing.get_context("spawn")
         self._worker_cfg = cfg.worker
 
     # -- signals only flip state -------------------------------------------------------------------
 
     def _on_signal(self, signum: int) -> None:
-        if self.should_exit.is_set():
+        now = time.monotonic()
+        if not self.should_exit.is_set():
+            self._first_signal_at = now
+            self.should_exit.set()
+        elif now - self._first_signal_at >= SIGNAL_DEBOUNCE_S:
             self.force_exit.set()
-        self.should_exit.set()
 
     # -- the story ---------------------------------------------------------------------------------
 
@@ -148,12 +155,13 @@ class Supervisor:
         for slot in live:
             _signal(slot.process, signal.SIGTERM)
         deadline = self._worker_cfg.shutdown_timeout + DRAIN_GRACE_S
-        all_exited = asyncio.gather(*(s.exited.wait() for s in live))
+        all_exited = asyncio.ensure_future(asyncio.gather(*(s.exited.wait() for s in live)))
         forced = asyncio.ensure_future(self.force_exit.wait())
         done, _ = await asyncio.wait({all_exited, forced}, timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
-        forced.cancel()
+        for waiter in (all_exited, forced):
+            waiter.cancel()
+        await asyncio.gather(all_exited, forced, return_exceptions=True)
         if all_exited not in done:
-            all_exited.cancel()
             stragglers = [s for s in live if not s.exited.is_set()]
             why = "second signal" if self.force_exit.is_set() else f"still running {deadline:.0f} s after the drain began"
             log.error("Killing %d workers (%s)", len(stragglers), why)

@@ -24,7 +24,7 @@ from broker.client import Publisher
 from broker.logs import setup_logging
 
 from .config import WorkerConfig
-from .csvsource import CsvError, CsvSource, take
+from .csvsource import CsvError, CsvSource
 from .message import Envelope
 from .rate import RateLimit
 
@@ -105,38 +105,31 @@ class Worker:
         chunk = limit.chunk if limit else cfg.batch_messages
         envelope = Envelope()
         retry = RETRY_MIN_S
-        last_progress = last_restart_log = time.monotonic()
-        logged_sent = 0
+        last_progress = last_pass_log = time.monotonic()
+        logged_sent = logged_passes = 0
         while True:
-            produced = 0
             try:
-                rows = source.open_pass()
-                while batch := take(rows, chunk):
-                    if limit:
-                        await limit.acquire(len(batch))
-                    await publisher.publish(envelope.batch(batch), len(batch))
-                    produced += len(batch)
-                    self.sent += len(batch)
-                    now = time.monotonic()
-                    if now - last_progress >= PROGRESS_INTERVAL_S:
-                        log.info("%s: Processed %d records (%.1f/s)", self.label, self.sent, (self.sent - logged_sent) / (now - last_progress))
-                        last_progress, logged_sent = now, self.sent
+                batch = source.take(chunk)
             except (OSError, CsvError) as exc:
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 log.warning("%s: cannot read %s (%s); retrying in %.1f s", self.label, cfg.csv, reason, retry)
                 await asyncio.sleep(retry)
                 retry = min(retry * 2, RETRY_MAX_S)
                 continue
-            if produced == 0:
-                log.warning("%s: no usable rows in %s; retrying in %.1f s", self.label, cfg.csv, retry)
-                await asyncio.sleep(retry)
-                retry = min(retry * 2, RETRY_MAX_S)
-                continue
             retry = RETRY_MIN_S
+            if limit:
+                await limit.acquire(len(batch))
+            await publisher.publish(envelope.batch(batch), len(batch))
+            self.sent += len(batch)
+            await asyncio.sleep(0)  # sends that complete at once never yield: let acks and signals in
+
             now = time.monotonic()
-            if source.passes == 1 or now - last_restart_log >= PROGRESS_INTERVAL_S:
-                log.info("%s: Reached end of CSV, restarting from beginning (pass %d)", self.label, source.passes)
-                last_restart_log = now
+            if source.completed_passes > logged_passes and (logged_passes == 0 or now - last_pass_log >= PROGRESS_INTERVAL_S):
+                log.info("%s: Reached end of CSV, restarting from beginning (pass %d)", self.label, source.completed_passes + 1)
+                last_pass_log, logged_passes = now, source.completed_passes
+            if now - last_progress >= PROGRESS_INTERVAL_S:
+                log.info("%s: Processed %d records (%.1f/s)", self.label, self.sent, (self.sent - logged_sent) / (now - last_progress))
+                last_progress, logged_sent = now, self.sent
 
     async def _report_periodically(self) -> None:
         while True:

@@ -1,0 +1,133 @@
+"""Driving the real commands in tests: subprocesses on free ports, polled with deadlines."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, message: str = "condition"):
+    """Poll `predicate` until it returns a truthy value; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)
+
+
+class Proc:
+    """A module run with -m (or any `argv`), its output collected line by line by a thread."""
+
+    def __init__(self, module: str = "", *args: str, env: dict | None = None, argv: list[str] | None = None):
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.popen = subprocess.Popen(
+            argv or [sys.executable, "-m", module, *args], cwd=ROOT, env=full_env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.popen.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for_line(self, pattern: str, timeout: float = 30.0) -> re.Match:
+        regex = re.compile(pattern)
+
+        def found():
+            for line in list(self.lines):
+                match = regex.search(line)
+                if match:
+                    return match
+            if self.popen.poll() is not None:
+                self._reader.join(2)
+                for line in self.lines:
+                    if match := regex.search(line):
+                        return match
+                raise AssertionError(f"process exited ({self.popen.returncode}) before printing {pattern!r}:\n{self.output}")
+            return None
+
+        return wait_until(found, timeout, message=f"a line matching {pattern!r}; output so far:\n{self.output}")
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.popen.send_signal(signum)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        code = self.popen.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(10)
+
+
+def get_json(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def start_streamer(csv: str, *args: str, env: dict | None = None) -> tuple[Proc, str]:
+    """Start telemetry-streamer with its embedded broker on free ports; returns it and its HTTP URL."""
+    proc = Proc("streamer", f"--csv={csv}", "--broker-port=0", "--http-port=0", *args, env=env)
+    match = proc.wait_for_line(r"HTTP (http://\S+) ")
+    return proc, match.group(1)
+
+
+def start_broker(*args: str) -> tuple[Proc, str, str]:
+    """Start telemetry-broker serve on free ports; returns it, its ZeroMQ URL and its HTTP URL."""
+    proc = Proc("broker", "serve", "--port=0", "--http-port=0", *args)
+    match = proc.wait_for_line(r"ZeroMQ (\S+), HTTP (http://\S+) ")
+    return proc, match.group(1).rstrip(","), match.group(2)
+
+
+def children_of(pid: int) -> list[int]:
+    """Live child processes of pid (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def summary(output: str) -> dict:
+    """The drain summary line's figures: published, unacknowledged, broker_accepted, per worker."""
+    line = [l for l in output.splitlines() if "published=" in l and ("Drained:" in l or "Forced exit:" in l)][-1]
+    figures = {k: int(v) for k, v in re.findall(r"\b(published|unacknowledged|broker_accepted)=(\d+)", line)}
+    figures["workers"] = {int(k): int(v) for k, v in re.findall(r"worker (\d+)=(\d+)", line)}
+    figures["line"] = line
+    return figures

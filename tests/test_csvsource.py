@@ -1,0 +1,143 @@
+import os
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from streamer.csvsource import MAX_FIELD_CHARS, CsvError, CsvSource, NoUsableRows, check_csv
+
+
+def write(tmp_path, data: bytes, name="t.csv"):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return str(path)
+
+
+def one_pass(source: CsvSource) -> list[dict]:
+    return [orjson.loads(row) for row in source.open_pass()]
+
+
+def test_bom_crlf_and_rfc4180_quoting(tmp_path):
+    data = b'\xef\xbb\xbfname,note,n\r\n"a, b","say ""hi""",1\r\nc,"two\r\nlines",2.5\r\n'
+    rows = one_pass(CsvSource(write(tmp_path, data), {}))
+    assert rows == [{"name": "a, b", "note": 'say "hi"', "n": 1}, {"name": "c", "note": "two\r\nlines", "n": 2.5}]
+
+
+def test_columns_keep_header_order_and_types(tmp_path):
+    data = b"gpu_id,utilization,temperature,memory_used,hostname,active\n0,0,41,4096,node-1,TRUE\n"
+    row = next(CsvSource(write(tmp_path, data), {}).open_pass())
+    assert row == b'{"gpu_id":0,"utilization":0,"temperature":41,"memory_used":4096,"hostname":"node-1","active":true}'
+
+
+def test_forced_column_type_applies_to_every_row(tmp_path):
+    rows = one_pass(CsvSource(write(tmp_path, b"id,active\n1,1\n2,0\n3,\n"), {"active": "bool", "id": "string"}))
+    assert rows == [{"id": "1", "active": True}, {"id": "2", "active": False}, {"id": "3", "active": None}]
+
+
+def test_bad_rows_are_skipped_counted_and_logged_with_line_numbers(tmp_path, caplog):
+    big = b"x" * (MAX_FIELD_CHARS + 1)
+    data = b"a,b\n1,2\n3\n4,\xff\xfe\n5," + big + b"\n6,7\n8,nope\n9,10\n"
+    source = CsvSource(write(tmp_path, data), {"b": "int"})
+    rows = one_pass(source)
+    assert rows == [{"a": 1, "b": 2}, {"a": 6, "b": 7}, {"a": 9, "b": 10}]
+    assert dict(source.skipped) == {"field_count": 1, "invalid_utf8": 1, "field_too_large": 1, "bad_value": 1}
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    for line, reason in ((3, "field_count"), (4, "invalid_utf8"), (5, "field_too_large"), (7, "bad_value")):
+        assert f"line {line} " in logged and reason in logged
+
+
+def test_unchanged_file_is_replayed_from_cache_and_skips_counted_each_pass(tmp_path, caplog):
+    path = write(tmp_path, b"a\n1\n2\n\xff\n")
+    source = CsvSource(path, {})
+    first = list(source.open_pass())
+    assert source._cache is not None and source._cache.complete
+    second = list(source.open_pass())
+    assert second == first and second[0] is first[0]  # the same encoded objects: no re-parse
+    assert source.skipped["invalid_utf8"] == 2
+    assert sum("skipped line" in r.getMessage() for r in caplog.records) == 1  # logged once
+
+
+def test_edited_file_is_picked_up_on_the_next_pass(tmp_path):
+    path = write(tmp_path, b"a\n1\n")
+    source = CsvSource(path, {})
+    assert one_pass(source) == [{"a": 1}]
+    with open(path, "wb") as f:
+        f.write(b"a,b\n2,x\n3,y\n")
+    os.utime(path, ns=(1, 1))  # a different mtime even on coarse clocks
+    assert one_pass(source) == [{"a": 2, "b": "x"}, {"a": 3, "b": "y"}]
+
+
+def test_file_over_the_cache_budget_is_streamed_every_pass(tmp_path):
+    path = write(tmp_path, b"a\n" + b"".join(b"%d\n" % i for i in range(1000)))
+    source = CsvSource(path, {}, cache_bytes=1000)
+    assert len(one_pass(source)) == 1000
+    assert source._cache is None
+    assert len(one_pass(source)) == 1000
+
+
+def test_missing_file_raises_oserror_for_the_worker_to_retry(tmp_path):
+    with pytest.raises(OSError):
+        CsvSource(str(tmp_path / "gone.csv"), {}).open_pass()
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [(b"", "empty"), (b"a,b\n", "no data rows"), (b"a,b\n\n\n", "no data rows"), (b"a,a\n1,2\n", "duplicate column"), (b"\xff\n1\n", "UTF-8")],
+)
+def test_check_csv_refuses_unusable_files(tmp_path, data, reason):
+    with pytest.raises(CsvError, match=reason):
+        check_csv(write(tmp_path, data))
+
+
+def test_check_csv_refuses_missing_and_directories(tmp_path):
+    with pytest.raises(CsvError, match="No such file"):
+        check_csv(str(tmp_path / "missing.csv"))
+    with pytest.raises(CsvError, match="directory"):
+        check_csv(str(tmp_path))
+
+
+def test_check_csv_accepts_and_returns_header(tmp_path):
+    assert check_csv(write(tmp_path, b"\xef\xbb\xbfx,y\n1,2\n")) == ["x", "y"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.binary(max_size=400))
+def test_arbitrary_bytes_give_strict_json_rows_or_counted_skips(tmp_path, body):
+    path = write(tmp_path, b"a,b,c\n" + body, name="fuzz.csv")
+    source = CsvSource(path, {})
+    rows = list(source.open_pass())
+    for row in rows:
+        value = orjson.loads(row)
+        assert list(value) == ["a", "b", "c"]
+        assert b"\n" not in row
+    assert all(count > 0 for count in source.skipped.values())
+
+
+def test_take_fills_batches_across_passes_of_a_small_file(tmp_path, monkeypatch):
+    source = CsvSource(write(tmp_path, b"a\n1\n2\n3\n"), {})
+    stats = []
+    real_stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: stats.append(p) or real_stat(p, *a, **k))
+    batch = source.take(10)
+    assert [orjson.loads(r)["a"] for r in batch] == [1, 2, 3, 1, 2, 3, 1, 2, 3, 1]
+    assert source.completed_passes == 3
+    assert len([p for p in stats if p == source.path]) <= 2  # checked when the batch began, not per replay
+    source.take(10)
+    assert source.completed_passes == 6
+
+
+def test_take_returns_rows_read_before_an_error_then_raises(tmp_path):
+    path = write(tmp_path, b"a\n1\n2\n")
+    source = CsvSource(path, {})
+    assert len(source.take(2)) == 2
+    os.unlink(path)
+    with pytest.raises(OSError):
+        source.take(5)
+
+
+def test_take_raises_when_a_pass_has_no_usable_row(tmp_path):
+    source = CsvSource(write(tmp_path, b"a,b\n1\n2\n"), {})
+    with pytest.raises(NoUsableRows):
+        source.take(5)
+    assert source.skipped["field_count"] == 2
