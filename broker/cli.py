@@ -1,4 +1,4 @@
-"""`telemetry-broker`: run the broker on its own (`serve`).
+"""`telemetry-broker`: run the broker on its own (`serve`), read a persisted topic (`dump`).
 
 Every option can also be set from the environment as TELEMETRY_BROKER_<OPTION>
 (TELEMETRY_BROKER_PORT=5555, TELEMETRY_BROKER_HOST=0.0.0.0, ...).
@@ -17,8 +17,10 @@ import click
 
 from . import console
 from .config import BrokerConfig
+from .log import read_records
 from .logs import FORMATS, LEVELS, setup_logging
-from .protocol import MAX_MESSAGE_BYTES
+from .options import persistence_config, persistence_options
+from .protocol import MAX_MESSAGE_BYTES, valid_topic
 
 log = logging.getLogger("broker")
 PORT = click.IntRange(0, 65535)
@@ -40,11 +42,15 @@ def command():
 @option("--http-host", default=None, envvar=env("HTTP_HOST"), help="HTTP bind address [default: same as --host].")
 @option("--http-port", type=PORT, default=8080, envvar=env("HTTP_PORT"), help="HTTP port (0 = any free port).")
 @option("--max-message-bytes", type=click.IntRange(min=64), default=MAX_MESSAGE_BYTES, envvar=env("MAX_MESSAGE_BYTES"), help="Largest message accepted.")
+@persistence_options("TELEMETRY_BROKER_")
 @option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="info", envvar=env("LOG_LEVEL"))
 @option("--log-format", type=click.Choice(FORMATS), default="text", envvar=env("LOG_FORMAT"))
-def serve(host, port, http_host, http_port, max_message_bytes, log_level, log_format):
+def serve(host, port, http_host, http_port, max_message_bytes, log_level, log_format, **persistence):
     """Serve producers over ZeroMQ and stats over HTTP until SIGINT/SIGTERM."""
-    cfg = BrokerConfig(host=host, port=port, http_host=http_host or host, http_port=http_port, max_message_bytes=max_message_bytes)
+    cfg = BrokerConfig(
+        host=host, port=port, http_host=http_host or host, http_port=http_port, max_message_bytes=max_message_bytes,
+        persistence=persistence_config(**persistence),
+    )
     setup_logging(log_level, log_format, component="broker")
     import uvloop
 
@@ -78,6 +84,36 @@ async def _serve(cfg: BrokerConfig) -> int:
     await broker.close()
     log.info("Broker stopped: accepted %s", topic_counts or "nothing")
     return 0
+
+
+@command.command()
+@option("--persistence-dir", default="/tmp/mq-data", envvar=env("PERSISTENCE_DIR"), help="The broker's --persistence-dir.")
+@option("--topic", default="telemetry", envvar=env("TOPIC"))
+@option("--from-offset", type=click.IntRange(min=0), default=0, help="First offset to print.")
+@option("--meta", is_flag=True, help="Wrap each message with its offset, producer, seq and receive time.")
+def dump(persistence_dir, topic, from_offset, meta):
+    """Print a topic's log as JSON lines, in offset order (works while a broker runs, or after it died)."""
+    directory = os.path.join(persistence_dir, topic)
+    if not valid_topic(topic) or not os.path.isdir(directory):
+        raise click.ClickException(f"no log for topic {topic!r} in {persistence_dir}")
+    setup_logging("warning", "text", component="dump")
+    out = sys.stdout.buffer
+    try:
+        for offset, batch, message in read_records(directory, from_offset):
+            if meta:
+                out.write(b'{"offset":%d,"producer":"%s","seq":%d,"received":"%s","message":%s}\n' % (
+                    offset, batch.producer.hex().encode(), batch.base_seq + offset - batch.base_offset, _rfc3339_ns(batch.received_ns), message))
+            else:
+                out.write(message + b"\n")
+        out.flush()
+    except BrokenPipeError:  # `| head` closed the pipe: that is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def _rfc3339_ns(ns: int) -> bytes:
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)).encode() + b".%09dZ" % fraction
 
 
 def main() -> None:

@@ -8,6 +8,16 @@ from .protocol import MAX_MESSAGE_BYTES
 
 
 @dataclass(frozen=True)
+class PersistenceConfig:
+    directory: str = "/tmp/mq-data"  # one subdirectory per topic
+    segment_bytes: int = 64 << 20
+    fsync: str = "interval"  # always | interval | never
+    fsync_interval_s: float = 1.0
+    retention_bytes: int = 1 << 30
+    retention_age_s: float | None = None
+
+
+@dataclass(frozen=True)
 class BrokerConfig:
     host: str = "127.0.0.1"  # ZeroMQ bind address
     port: int = 5555  # ZeroMQ port; 0 picks a free one
@@ -15,3 +25,4 @@ class BrokerConfig:
     http_port: int = 8080  # 0 picks a free one
     max_message_bytes: int = MAX_MESSAGE_BYTES
     topics: tuple[str, ...] = ("telemetry",)  # created at start, so their stats answer at once
+    persistence: PersistenceConfig | None = None  # None: topics live in memory only

@@ -2,7 +2,7 @@
 
     GET /stats            every topic's stats, and broker-wide counters
     GET /stats/<topic>    one topic's stats; 404 with a JSON error if the topic is unknown
-    GET /healthz          200 while the broker is serving
+    GET /healthz          200 while the broker is serving; 503 while a topic's log cannot be written
     GET /readyz           200 while serving, 503 once a drain has begun
 
 Every error, including unknown paths and wrong methods, is a JSON object {"error": ...}.
@@ -50,6 +50,10 @@ async def _topic_stats(request: web.Request) -> web.Response:
 
 
 async def _healthz(request: web.Request) -> web.Response:
+    broker = request.app[BROKER]
+    if not broker.healthy:
+        errors = {name: t.log.error for name, t in broker.topics.items() if t.log is not None and t.log.error}
+        return _json({"status": "unhealthy", "log_errors": errors}, status=503)
     return _json({"status": "ok"})
 
 

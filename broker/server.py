@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import Counter
 
@@ -19,13 +20,14 @@ import zmq.asyncio
 
 from . import protocol as p
 from .config import BrokerConfig
+from .log import LogUnavailable, TopicLog
 from .topic import SequenceGap, Topic
 
 log = logging.getLogger("broker")
 
 _BAD_FRAME_LOG_INTERVAL_S = 10.0
 _MAX_BATCH_FRAME = 256 << 20
-_YIELD_EVERY = 64  # frames handled before the receive loop lets other tasks run  # larger frames are refused by ZeroMQ before they reach us
+_BURST = 64  # frames handled (and made durable together) before the loop lets other tasks run  # larger frames are refused by ZeroMQ before they reach us
 
 
 class BrokerStartError(Exception):
@@ -35,7 +37,7 @@ class BrokerStartError(Exception):
 class Broker:
     def __init__(self, config: BrokerConfig):
         self.config = config
-        self.topics: dict[str, Topic] = {name: Topic(name) for name in config.topics}
+        self.topics: dict[str, Topic] = {}
         self.bad_frames: Counter = Counter()  # frames that are not the protocol, by reason
         self.started = time.monotonic()
         self.draining = False
@@ -46,6 +48,7 @@ class Broker:
         self._http = None
         self._tasks: list[asyncio.Task] = []
         self._bad_frames_logged_at: dict[str, float] = {}
+        self._replies: list[tuple[bytes, Topic | None, list[bytes]]] = []  # sent once the burst is durable
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -54,6 +57,7 @@ class Broker:
         from .http import start_http  # aiohttp is only needed once a broker starts
 
         cfg = self.config
+        self._open_topics()
         self._ctx = zmq.asyncio.Context()
         router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
@@ -75,25 +79,51 @@ class Broker:
             await self.close()
             raise BrokerStartError(f"cannot listen for HTTP on {cfg.http_host}:{cfg.http_port}: {exc.strerror or exc}") from None
         self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._sample_rates())]
+        if cfg.persistence is not None and cfg.persistence.fsync == "interval":
+            self._tasks.append(asyncio.create_task(self._sync_periodically()))
         log.info("Broker listening: ZeroMQ %s, HTTP %s (stats at %s/stats/%s)", self.zmq_url, self.http_url, self.http_url, cfg.topics[0] if cfg.topics else "<topic>")
 
     # -- serve ---------------------------------------------------------------------------------
 
     async def _receive(self) -> None:
+        """Handle frames in bursts: whatever is already queued (up to _BURST), then make the
+        burst durable as the fsync policy asks (one fsync for the whole burst) and reply."""
         router = self._router
-        handled = 0
         while True:
-            # a recv that finds data waiting completes without yielding to the loop: yield now and
-            # then, or a backlog would starve HTTP and signal handling
-            handled += 1
-            if handled % _YIELD_EVERY == 0:
-                await asyncio.sleep(0)
-            frames = await router.recv_multipart()
-            try:
-                self._handle(frames)
-            except Exception:  # a bug must not stop the broker serving everyone else
-                log.exception("Broker: error while handling a frame; frame ignored")
-                self._bad_frame("internal_error")
+            self._handle_safely(await router.recv_multipart())
+            handled = 1
+            while handled < _BURST and router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self._handle_safely(await router.recv_multipart(zmq.NOBLOCK))
+                handled += 1
+            self._commit()
+            # a recv that finds data waiting completes without yielding to the loop: yield once
+            # per burst, or a backlog would starve HTTP and signal handling
+            await asyncio.sleep(0)
+
+    def _handle_safely(self, frames: list[bytes]) -> None:
+        try:
+            self._handle(frames)
+        except Exception:  # a bug must not stop the broker serving everyone else
+            log.exception("Broker: error while handling a frame; frame ignored")
+            self._bad_frame("internal_error")
+
+    def _commit(self) -> None:
+        """fsync what the policy wants synced before replying, then send the burst's replies.
+        An acknowledgment whose batch could not be synced becomes a NACK "unavailable": the
+        producer resends, and the resend is acknowledged as a duplicate once the log is well."""
+        replies, self._replies = self._replies, []
+        failed: set[int] = set()
+        for topic in {id(t): t for _, t, _ in replies if t is not None and t.log is not None}.values():
+            if topic.log.fsync == "always" and topic.log.dirty:
+                try:
+                    topic.log.sync()
+                except LogUnavailable:
+                    failed.add(id(topic))
+        for identity, topic, frames in replies:
+            if topic is not None and id(topic) in failed and frames[1] == p.ACK:
+                first_seq, count, _ = p.ACK_BODY.unpack(frames[2])
+                frames = p.nack_frames(first_seq, count, p.NACK_UNAVAILABLE, f"log fsync failed: {topic.log.error}")
+            self._send(identity, frames)
 
     def _handle(self, frames: list[bytes]) -> None:
         if len(frames) < 3 or frames[1] != p.SIGNATURE:
@@ -124,14 +154,17 @@ class Broker:
             if topic is not None:
                 topic.rejected[reason] += count
             self._bad_frame(reason)
-            self._send(identity, p.nack_frames(first_seq, count, p.NACK_INVALID, reason))
+            self._replies.append((identity, topic, p.nack_frames(first_seq, count, p.NACK_INVALID, reason)))
             return
         try:
             first_offset, _stored, _body = topic.append(producer_id, first_seq, count, body)
         except SequenceGap as gap:
-            self._send(identity, p.nack_frames(first_seq, count, p.NACK_SEQUENCE, "sequence gap", gap.expected))
-            return
-        self._send(identity, p.ack_frames(first_seq, count, first_offset))
+            reply = p.nack_frames(first_seq, count, p.NACK_SEQUENCE, "sequence gap", gap.expected)
+        except LogUnavailable as exc:
+            reply = p.nack_frames(first_seq, count, p.NACK_UNAVAILABLE, f"log write failed: {exc}")
+        else:
+            reply = p.ack_frames(first_seq, count, first_offset)
+        self._replies.append((identity, topic, reply))
 
     def _report(self, topic_name: bytes, producer_id: bytes, report: bytes) -> None:
         topic = self._topic(topic_name)
@@ -153,9 +186,42 @@ class Broker:
             return None
         topic = self.topics.get(name)
         if topic is None and p.valid_topic(name):
-            topic = self.topics[name] = Topic(name)
+            try:
+                topic = self._create_topic(name)
+            except OSError as exc:
+                log.error("Broker: cannot create the log of topic %r: %s", name, exc.strerror or exc)
+                return None
             log.info("Broker: new topic %r", name)
         return topic
+
+    def _create_topic(self, name: str) -> Topic:
+        persistence = self.config.persistence
+        topic_log = None
+        if persistence is not None:
+            topic_log = TopicLog(
+                os.path.join(persistence.directory, name), segment_bytes=persistence.segment_bytes, fsync=persistence.fsync,
+                fsync_interval_s=persistence.fsync_interval_s, retention_bytes=persistence.retention_bytes, retention_age_s=persistence.retention_age_s,
+            )
+            topic_log.open()
+        topic = self.topics[name] = Topic(name, topic_log)
+        return topic
+
+    def _open_topics(self) -> None:
+        """The configured topics, and every topic already in the persistence directory."""
+        names = list(self.config.topics)
+        persistence = self.config.persistence
+        if persistence is not None:
+            try:
+                os.makedirs(persistence.directory, exist_ok=True)
+                names += sorted(n for n in os.listdir(persistence.directory) if p.valid_topic(n) and os.path.isdir(os.path.join(persistence.directory, n)))
+            except OSError as exc:
+                raise BrokerStartError(f"cannot use persistence directory {persistence.directory}: {exc.strerror or exc}") from None
+        for name in dict.fromkeys(names):
+            try:
+                self._create_topic(name)
+            except OSError as exc:
+                where = os.path.join(persistence.directory, name) if persistence else name
+                raise BrokerStartError(f"cannot use persistence directory {where}: {exc.strerror or exc}") from None
 
     def _send(self, identity: bytes, frames: list[bytes]) -> None:
         # ROUTER never blocks: a reply to a peer that is gone or full is dropped, and the
@@ -169,6 +235,28 @@ class Broker:
             self._bad_frames_logged_at[reason] = now
             log.warning("Broker: ignored a bad frame (%s); %d so far", reason, self.bad_frames[reason])
 
+    async def _sync_periodically(self) -> None:
+        """--fsync=interval: fsync each written log at most every interval, off the event loop
+        (a duplicate descriptor, so that a segment roll may close the original meanwhile)."""
+        interval = self.config.persistence.fsync_interval_s
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(interval, 0.1))
+            for topic in list(self.topics.values()):
+                topic_log = topic.log
+                if topic_log is None or not topic_log.sync_due():
+                    continue
+                fd = os.dup(topic_log.active.fd)
+                topic_log.dirty = False
+                try:
+                    await loop.run_in_executor(None, os.fdatasync, fd)
+                    topic_log.last_fsync = time.monotonic()
+                except OSError as exc:
+                    topic_log.dirty = True
+                    log.error("Log %s: fsync failed: %s", topic_log.directory, exc.strerror)
+                finally:
+                    os.close(fd)
+
     async def _sample_rates(self) -> None:
         while True:
             await asyncio.sleep(1.0)
@@ -181,6 +269,11 @@ class Broker:
     def topic_stats(self, name: str) -> dict | None:
         topic = self.topics.get(name)
         return None if topic is None else topic.stats(self.started)
+
+    @property
+    def healthy(self) -> bool:
+        """Serving, and every log takes writes."""
+        return all(t.log is None or t.log.error is None for t in self.topics.values())
 
     def stats(self) -> dict:
         return {
@@ -210,3 +303,6 @@ class Broker:
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
+        for topic in self.topics.values():
+            if topic.log is not None:
+                topic.log.close()

@@ -14,6 +14,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+from .log import TopicLog
 from .protocol import DUPLICATE, SEPARATOR
 
 RATE_WINDOW_S = 10.0
@@ -42,8 +43,9 @@ class SequenceGap(Exception):
 
 
 class Topic:
-    def __init__(self, name: str):
+    def __init__(self, name: str, log: TopicLog | None = None):
         self.name = name
+        self.log = log  # the disk-persisted log, or None for a memory-only topic
         self.next_offset = 0
         self.messages = 0
         self.bytes = 0
@@ -52,17 +54,22 @@ class Topic:
         self.rejected: Counter = Counter()  # invalid batches, by reason
         self.created = time.monotonic()
         self._samples: deque[tuple[float, int]] = deque([(self.created, 0)])
+        if log is not None:  # continue where the log ends, and keep recognising retries
+            self.next_offset = log.next_offset
+            self.producers = {pid: Producer(next_seq=seq) for pid, seq in log.producers.items()}
 
     def append(self, producer_id: bytes, first_seq: int, count: int, body: bytes) -> tuple[int, int, bytes]:
         """Accept a batch; returns (first offset or DUPLICATE, messages stored, stored body).
 
-        Raises SequenceGap when messages before `first_seq` are missing.
+        Raises SequenceGap when messages before `first_seq` are missing, and LogUnavailable when
+        the log cannot store the batch (then nothing about the topic has changed).
         """
         producer = self.producers.get(producer_id)
         if producer is None:
             producer = self.producers[producer_id] = Producer(next_seq=first_seq)
         producer.last_seen = time.time()
         expected = producer.next_seq
+        held = 0
         if first_seq != expected:
             if first_seq > expected:
                 raise SequenceGap(expected)
@@ -72,9 +79,12 @@ class Topic:
                 self.duplicates += count
                 return DUPLICATE, 0, b""
             body = body.split(SEPARATOR, held)[held]
+            count -= held
+        if self.log is not None:
+            self.log.append(producer_id, expected, count, body, time.time_ns())
+        if held:
             producer.duplicates += held
             self.duplicates += held
-            count -= held
         first_offset = self.next_offset
         self.next_offset += count
         self.messages += count
@@ -126,4 +136,5 @@ class Topic:
             "rejected": dict(self.rejected),
             "subscribers": {},
             "uptime_s": round(now - started, 3),
+            **({"persistence": self.log.stats()} if self.log is not None else {}),
         }

@@ -17,6 +17,7 @@ import click
 from broker import console
 from broker.config import BrokerConfig
 from broker.logs import FORMATS, LEVELS, setup_logging
+from broker.options import persistence_config, persistence_options
 from broker.protocol import valid_topic
 
 from .config import StreamerConfig, WorkerConfig
@@ -83,10 +84,14 @@ def _column_types(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
 @option("--shutdown-timeout", type=click.FloatRange(min=0, max=3600), default=10.0, envvar=env("SHUTDOWN_TIMEOUT"), help="Seconds a drain waits for acknowledgments.")
 @option("--column-type", "column_types", multiple=True, callback=_column_types, envvar=env("COLUMN_TYPE"), metavar="NAME=TYPE", help="Force a column's type: bool, int, float or string (repeatable).")
 @option("--buffer-messages", type=click.IntRange(min=1), default=100_000, envvar=env("BUFFER_MESSAGES"), help="Unacknowledged messages a worker holds before it pauses reading.")
+@persistence_options(ENV_PREFIX)
 @option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="info", envvar=env("LOG_LEVEL"))
 @option("--log-format", type=click.Choice(FORMATS), default="text", envvar=env("LOG_FORMAT"), help="text for people, json for log pipelines.")
-def command(csv_path, workers, rate, topic, broker_url, broker_port, http_host, http_port, shutdown_timeout, column_types, buffer_messages, log_level, log_format):
+def command(csv_path, workers, rate, topic, broker_url, broker_port, http_host, http_port, shutdown_timeout, column_types, buffer_messages, log_level, log_format, **persistence):
     """Stream a CSV file's rows as timestamped JSON messages into a topic, from N worker processes."""
+    if persistence["persistence"] and broker_url:
+        raise click.UsageError("--persistence belongs to the broker: with --broker-url, give it to `telemetry-broker serve` instead")
+    persistence_cfg = persistence_config(**persistence)
     try:
         header = check_csv(csv_path)
     except CsvError as exc:
@@ -107,7 +112,9 @@ def command(csv_path, workers, rate, topic, broker_url, broker_port, http_host, 
             log_level=log_level.lower(),
             log_format=log_format,
         ),
-        broker=None if broker_url else BrokerConfig(host="127.0.0.1", port=broker_port, http_host=http_host, http_port=http_port, topics=(topic,)),
+        broker=None if broker_url else BrokerConfig(
+            host="127.0.0.1", port=broker_port, http_host=http_host, http_port=http_port, topics=(topic,), persistence=persistence_cfg,
+        ),
     )
     setup_logging(log_level, log_format, component="streamer")
     logging.getLogger("streamer").info("CSV %s: columns %s", csv_path, ", ".join(header))

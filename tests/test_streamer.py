@@ -178,7 +178,7 @@ def test_drains_as_pid_1(procs, sample_csv, tmp_path):
     probe = subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip(f"PID namespaces unavailable: {probe.stderr.decode().strip()}")
-    proc = Proc(argv=["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "streamer", f"--csv={sample_csv}",
+    proc = Proc(argv=["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", sys.executable, "-m", "streamer", f"--csv={sample_csv}",
                       "--broker-port=0", "--http-port=0", "--workers=2", "--rate=100"])
     procs.append(proc)
     http = proc.wait_for_line(r"HTTP (http://\S+) ").group(1)

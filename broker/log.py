@@ -1,0 +1,439 @@
+"""A topic's disk-persisted log: segmented, checksummed, recovered after a crash, bounded.
+
+Directory: <persistence-dir>/<topic>/
+    00000000000000000000.log      segment: record batches, named by its first offset
+    00000000000000000000.index    sparse index of that segment (rebuilt whenever in doubt)
+
+Each producer batch the broker accepts is one *record batch*, written with one write call. It
+is the unit of writing, checksumming and acknowledgment (as in Kafka's record batch v2): a
+batch is acknowledged only once it is wholly in the log, so a batch that is torn or fails its
+CRC was never acknowledged, and recovery drops it whole. Every record in it carries its offset,
+producer id, sequence number, receive time and length through the header:
+
+    offset  size  field
+    0       4     magic        b"TLB1"
+    4       4     crc          CRC32 of bytes 8.. to the end of the payload
+    8       4     length       payload bytes
+    12      8     base offset  offset of the first record; record i has base offset + i
+    20      4     count        records in the batch (>= 1)
+    24      16    producer     producer id
+    40      8     base seq     sequence number of the first record; record i has base seq + i
+    48      8     received     broker's receive time, ns since the Unix epoch (all records)
+    56      ...   payload      the records' JSON bytes, unchanged, joined by b"\\n"
+                               (a record holds no raw newline); record i's length is its part's
+
+Index entries (16 B, big-endian): base offset (u64) | file position (u64), one at least every
+INDEX_INTERVAL bytes of segment, so a read from an offset seeks, then scans at most that much.
+
+Recovery: at start the newest segment is validated batch by batch from its start (magic,
+length, CRC, offsets contiguous); the first bad batch and everything after it are truncated
+away and the number of bytes dropped is kept for the stats. Older segments are walked by their
+headers; a damaged batch in one is reported and skipped by readers (they resynchronise on the
+next valid batch), and never stops the broker.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import struct
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Iterator
+
+log = logging.getLogger("broker.log")
+
+MAGIC = b"TLB1"
+HEADER = struct.Struct(">4sII Q I 16s Q Q")
+HEADER_SIZE = HEADER.size  # 56
+_CRC_FROM = 8
+INDEX_ENTRY = struct.Struct(">QQ")
+INDEX_INTERVAL = 64 << 10
+MAX_BATCH_PAYLOAD = 256 << 20
+SEGMENT_SUFFIX, INDEX_SUFFIX = ".log", ".index"
+FSYNC_POLICIES = ("always", "interval", "never")
+
+
+def encode_batch(base_offset: int, producer: bytes, base_seq: int, received_ns: int, count: int, payload: bytes) -> bytes:
+    """The header for one batch (the payload follows it)."""
+    header = HEADER.pack(MAGIC, 0, len(payload), base_offset, count, producer, base_seq, received_ns)
+    crc = zlib.crc32(payload, zlib.crc32(memoryview(header)[_CRC_FROM:]))
+    return header[:4] + crc.to_bytes(4, "big") + header[8:]
+
+
+@dataclass(slots=True)
+class Batch:
+    position: int  # where the batch starts in its segment
+    base_offset: int
+    count: int
+    producer: bytes
+    base_seq: int
+    received_ns: int
+    payload: bytes
+
+    @property
+    def size(self) -> int:
+        return HEADER_SIZE + len(self.payload)
+
+    @property
+    def next_offset(self) -> int:
+        return self.base_offset + self.count
+
+
+def read_batch(f, position: int, *, verify: bool = True) -> Batch | None:
+    """The batch at `position` of an open segment, or None if it is torn, corrupt or absent."""
+    f.seek(position)
+    header = f.read(HEADER_SIZE)
+    if len(header) < HEADER_SIZE:
+        return None
+    magic, crc, length, base_offset, count, producer, base_seq, received = HEADER.unpack(header)
+    if magic != MAGIC or count < 1 or length > MAX_BATCH_PAYLOAD:
+        return None
+    payload = f.read(length)
+    if len(payload) < length:
+        return None
+    if verify and zlib.crc32(payload, zlib.crc32(header[_CRC_FROM:])) != crc:
+        return None
+    if verify and payload.count(b"\n") + 1 != count:
+        return None
+    return Batch(position, base_offset, count, producer, base_seq, received, payload)
+
+
+def segment_name(base_offset: int) -> str:
+    return f"{base_offset:020d}"
+
+
+def list_segments(directory: str) -> list[int]:
+    """Base offsets of the segments in a topic directory, oldest first."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    bases = []
+    for name in names:
+        stem, suffix = os.path.splitext(name)
+        if suffix == SEGMENT_SUFFIX and stem.isdigit() and len(stem) == 20:
+            bases.append(int(stem))
+    return sorted(bases)
+
+
+class Segment:
+    """One segment file and its sparse index, as the writer sees them."""
+
+    def __init__(self, directory: str, base_offset: int):
+        self.base_offset = base_offset
+        self.path = os.path.join(directory, segment_name(base_offset) + SEGMENT_SUFFIX)
+        self.index_path = os.path.join(directory, segment_name(base_offset) + INDEX_SUFFIX)
+        self.size = 0
+        self.next_offset = base_offset
+        self.index: list[tuple[int, int]] = []  # (base offset, position)
+        self._indexed_at = -INDEX_INTERVAL
+        self.fd = -1
+        self.index_fd = -1
+
+    def open(self) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)  # recreated if someone removed it
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.index_fd = os.open(self.index_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            os.close(fd)
+            raise
+        self.fd = fd
+
+    def note_batch(self, base_offset: int, position: int, size: int, count: int) -> bytes:
+        """Account for a batch written at `position`; returns an index entry to write, or b""."""
+        self.size = position + size
+        self.next_offset = base_offset + count
+        if position - self._indexed_at >= INDEX_INTERVAL:
+            self._indexed_at = position
+            self.index.append((base_offset, position))
+            return INDEX_ENTRY.pack(base_offset, position)
+        return b""
+
+    def rewrite_index(self) -> None:
+        data = b"".join(INDEX_ENTRY.pack(o, p) for o, p in self.index)
+        os.ftruncate(self.index_fd, 0)
+        os.pwrite(self.index_fd, data, 0)
+
+    def close(self) -> None:
+        for fd in (self.fd, self.index_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.index_fd = -1
+
+
+class LogUnavailable(Exception):
+    """The log cannot take writes now (disk full, permissions, I/O error); retry later."""
+
+
+class TopicLog:
+    """The writer's view of one topic's log: recover, append, sync, roll, retain."""
+
+    def __init__(self, directory: str, *, segment_bytes: int, fsync: str, fsync_interval_s: float, retention_bytes: int, retention_age_s: float | None):
+        self.directory = directory
+        self.segment_bytes = segment_bytes
+        self.fsync = fsync
+        self.fsync_interval_s = fsync_interval_s
+        self.retention_bytes = retention_bytes
+        self.retention_age_s = retention_age_s
+        self.segments: list[int] = []  # base offsets of closed segments, oldest first
+        self.sizes: dict[int, int] = {}  # bytes of each closed segment
+        self.active: Segment | None = None
+        self.recovered_dropped_bytes = 0
+        self.last_fsync = time.monotonic()
+        self.dirty = False  # written since the last fsync
+        self.error: str | None = None  # the last write error, until a write succeeds
+        self.producers: dict[bytes, int] = {}  # producer id -> next sequence number, from the log
+
+    # -- recovery ------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create or recover the topic directory. Raises OSError if it is unusable."""
+        os.makedirs(self.directory, exist_ok=True)
+        probe = os.path.join(self.directory, ".writable")
+        with open(probe, "w"):
+            pass
+        os.unlink(probe)
+        bases = list_segments(self.directory)
+        for base in bases[:-1]:
+            self.segments.append(base)
+            self.sizes[base] = self._walk_older(base)
+        self.active = Segment(self.directory, bases[-1] if bases else 0)
+        self.active.open()
+        self._recover_active()
+
+    def _walk_older(self, base: int) -> int:
+        """Learn producers' sequence numbers from a closed segment's headers; report damage."""
+        path = os.path.join(self.directory, segment_name(base) + SEGMENT_SUFFIX)
+        with open(path, "rb") as f:
+            for batch in scan(f, path, verify=False):
+                self.producers[batch.producer] = max(self.producers.get(batch.producer, 0), batch.base_seq + batch.count)
+            return f.seek(0, os.SEEK_END)
+
+    def _recover_active(self) -> None:
+        seg = self.active
+        expected = seg.base_offset
+        position = 0
+        with open(seg.path, "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            while True:
+                batch = read_batch(f, position)
+                if batch is None or batch.base_offset != expected:
+                    break
+                seg.note_batch(batch.base_offset, position, batch.size, batch.count)
+                self.producers[batch.producer] = batch.base_seq + batch.count
+                expected = batch.next_offset
+                position += batch.size
+        if position < end:
+            os.ftruncate(seg.fd, position)
+            os.fsync(seg.fd)
+            self.recovered_dropped_bytes = end - position
+            log.warning("Log %s: dropped a torn or corrupt tail of %d bytes at offset %d; offsets continue from %d", seg.path, end - position, expected, expected)
+        seg.size = position
+        seg.next_offset = expected
+        seg.rewrite_index()
+        log.info("Log %s: %d segments, offsets %d..%d", self.directory, len(self.segments) + 1, self.first_offset, self.next_offset)
+
+    # -- appending -----------------------------------------------------------------------------
+
+    @property
+    def next_offset(self) -> int:
+        return self.active.next_offset
+
+    @property
+    def first_offset(self) -> int:
+        return self.segments[0] if self.segments else self.active.base_offset
+
+    def append(self, producer: bytes, base_seq: int, count: int, payload: bytes, received_ns: int) -> int:
+        """Write one batch with one write call; returns its base offset. Raises LogUnavailable."""
+        seg = self.active
+        size = HEADER_SIZE + len(payload)
+        try:
+            if seg.size and seg.size + size > self.segment_bytes:
+                seg = self._roll()
+            base = seg.next_offset
+            header = encode_batch(base, producer, base_seq, received_ns, count, payload)
+            written = os.pwritev(seg.fd, [header, payload], seg.size)  # at our own end: a torn attempt is overwritten by the retry
+            if written != size:
+                raise OSError(f"short write ({written} of {size} bytes)")
+            entry = seg.note_batch(base, seg.size, size, count)
+            if entry:
+                os.write(seg.index_fd, entry)
+        except OSError as exc:
+            if self.error is None:
+                log.error("Log %s: write failed (%s); acknowledgments stop until writes succeed", self.directory, exc.strerror or exc)
+            self.error = exc.strerror or str(exc)
+            raise LogUnavailable(self.error) from None
+        if self.error is not None:
+            log.info("Log %s: writes succeed again", self.directory)
+            self.error = None
+        self.dirty = True
+        return base
+
+    def _roll(self) -> Segment:
+        """Close the active segment and start the next; if any step fails, the old one stays
+        active and whole, and the next append tries again."""
+        old = self.active
+        if self.fsync != "never":
+            os.fsync(old.fd)
+        os.ftruncate(old.fd, old.size)  # drop the remains of a torn write past the end, if any
+        seg = Segment(self.directory, old.next_offset)
+        seg.open()
+        old.close()
+        self.segments.append(old.base_offset)
+        self.sizes[old.base_offset] = old.size
+        self.active = seg
+        self.enforce_retention()
+        return seg
+
+    def sync_due(self) -> bool:
+        """Whether the fsync policy wants an fsync before the next acknowledgments go out."""
+        if not self.dirty or self.fsync == "never":
+            return False
+        return self.fsync == "always" or time.monotonic() - self.last_fsync >= self.fsync_interval_s
+
+    def sync(self) -> None:
+        """fsync the active segment. Raises LogUnavailable."""
+        try:
+            os.fdatasync(self.active.fd)
+        except OSError as exc:
+            self.error = exc.strerror or str(exc)
+            raise LogUnavailable(self.error) from None
+        self.dirty = False
+        self.last_fsync = time.monotonic()
+
+    # -- retention -----------------------------------------------------------------------------
+
+    def enforce_retention(self) -> None:
+        """Delete whole old segments beyond --retention-bytes or older than --retention-age."""
+        now = time.time()
+        while self.segments:
+            base = self.segments[0]
+            total = sum(self.sizes.values()) + self.active.size
+            path = os.path.join(self.directory, segment_name(base) + SEGMENT_SUFFIX)
+            too_big = total > self.retention_bytes
+            try:
+                too_old = self.retention_age_s is not None and now - os.stat(path).st_mtime > self.retention_age_s
+            except FileNotFoundError:
+                too_old = True
+            if not (too_big or too_old):
+                break
+            for suffix in (SEGMENT_SUFFIX, INDEX_SUFFIX):
+                try:
+                    os.unlink(os.path.join(self.directory, segment_name(base) + suffix))
+                except FileNotFoundError:
+                    pass
+            self.segments.pop(0)
+            self.sizes.pop(base, None)
+            log.info("Log %s: deleted segment %d (%s)", self.directory, base, "retention bytes" if too_big else "retention age")
+
+    # -- stats and close -----------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        return {
+            "directory": self.directory,
+            "segments": len(self.segments) + 1,
+            "bytes": sum(self.sizes.values()) + self.active.size,
+            "first_offset": self.first_offset,
+            "last_offset": self.next_offset - 1,
+            "fsync": self.fsync,
+            "since_last_fsync_s": round(time.monotonic() - self.last_fsync, 3),
+            "recovery_dropped_bytes": self.recovered_dropped_bytes,
+            "healthy": self.error is None,
+            "error": self.error,
+        }
+
+    def close(self) -> None:
+        if self.active is not None:
+            try:
+                os.fsync(self.active.fd)
+            except OSError as exc:
+                log.error("Log %s: final fsync failed: %s", self.directory, exc.strerror)
+            self.active.close()
+            self.active = None
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+def scan(f, path: str, *, start: int = 0, verify: bool = True) -> Iterator[Batch]:
+    """Valid batches of an open segment from `start`, in order; damage is reported and skipped.
+
+    A damaged batch is skipped by resynchronising on the next position where a valid batch
+    begins. The end of a segment that is still being written may be torn: it ends the scan
+    quietly when nothing valid follows it.
+    """
+    position = start
+    end = f.seek(0, os.SEEK_END)
+    while position < end:
+        batch = read_batch(f, position, verify=verify)
+        if batch is not None:
+            yield batch
+            position += batch.size
+            continue
+        resumed = _resync(f, position + 1, end)
+        if resumed is None:
+            return  # a torn or damaged tail: nothing valid after it
+        log.warning("Log %s: damaged batch at byte %d skipped (%d bytes); reading resumes at offset %d", path, position, resumed.position - position, resumed.base_offset)
+        position = resumed.position
+
+
+def _resync(f, position: int, end: int) -> Batch | None:
+    """The next valid batch after `position`; always CRC-checked, so that payload bytes that
+    happen to spell the magic are not taken for a header."""
+    chunk_size = 1 << 20
+    while position < end:
+        f.seek(position)
+        chunk = f.read(chunk_size + len(MAGIC))
+        at = chunk.find(MAGIC)
+        while at != -1:
+            batch = read_batch(f, position + at)
+            if batch is not None:
+                return batch
+            at = chunk.find(MAGIC, at + 1)
+        position += chunk_size
+    return None
+
+
+def read_records(directory: str, from_offset: int = 0) -> Iterator[tuple[int, Batch, bytes]]:
+    """(offset, batch, message) for every retained record from `from_offset`, in offset order.
+
+    Constant memory: one batch at a time. Works while a broker is writing (reads to the last
+    complete batch) and after one died (a torn tail ends the read).
+    """
+    bases = list_segments(directory)
+    if not bases:
+        return
+    first = max(0, bisect.bisect_right(bases, from_offset) - 1)
+    for base in bases[first:]:
+        path = os.path.join(directory, segment_name(base) + SEGMENT_SUFFIX)
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:  # deleted by retention meanwhile
+            continue
+        with f:
+            start = _index_position(os.path.join(directory, segment_name(base) + INDEX_SUFFIX), from_offset)
+            for batch in scan(f, path, start=start):
+                if batch.next_offset <= from_offset:
+                    continue
+                offset = batch.base_offset
+                for message in batch.payload.split(b"\n"):
+                    if offset >= from_offset:
+                        yield offset, batch, message
+                    offset += 1
+
+
+def _index_position(index_path: str, offset: int) -> int:
+    """Where to start reading a segment for `offset`: the last indexed batch at or before it."""
+    try:
+        with open(index_path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return 0
+    entries = [INDEX_ENTRY.unpack_from(data, i) for i in range(0, len(data) - len(data) % INDEX_ENTRY.size, INDEX_ENTRY.size)]
+    keys = [o for o, _ in entries]
+    at = bisect.bisect_right(keys, offset) - 1
+    return entries[at][1] if at >= 0 else 0

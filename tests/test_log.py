@@ -1,0 +1,179 @@
+"""The topic log: framing, recovery at any byte, retention, reading from an offset, write errors."""
+
+import errno
+import logging
+import os
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from broker import log as tlog
+from broker.log import HEADER_SIZE, LogUnavailable, TopicLog, list_segments, read_records, segment_name
+from broker.protocol import DUPLICATE
+from broker.topic import Topic
+
+P1, P2 = b"\x01" * 16, b"\x02" * 16
+
+
+def open_log(directory, **overrides) -> TopicLog:
+    settings_ = dict(segment_bytes=1 << 20, fsync="never", fsync_interval_s=1.0, retention_bytes=1 << 30, retention_age_s=None)
+    settings_.update(overrides)
+    topic_log = TopicLog(str(directory), **settings_)
+    topic_log.open()
+    return topic_log
+
+
+def payload(*values) -> bytes:
+    return b"\n".join(orjson.dumps({"v": v}) for v in values)
+
+
+def write_batches(topic_log, sizes, producer=P1):
+    """Append batches of the given sizes; returns [(base offset, messages)]."""
+    written, seq = [], topic_log.producers.get(producer, 0)
+    for size in sizes:
+        values = list(range(seq, seq + size))
+        base = topic_log.append(producer, seq, size, payload(*values), 1_700_000_000_000_000_000 + seq)
+        written.append((base, values))
+        seq += size
+    return written
+
+
+def records(directory, from_offset=0):
+    return [(offset, batch.producer, batch.base_seq + offset - batch.base_offset, orjson.loads(m)["v"]) for offset, batch, m in read_records(str(directory), from_offset)]
+
+
+def test_round_trip_offsets_and_sequences(tmp_path):
+    topic_log = open_log(tmp_path)
+    write_batches(topic_log, [3, 1, 2])
+    write_batches(topic_log, [2], producer=P2)
+    topic_log.close()
+    assert records(tmp_path) == [
+        (0, P1, 0, 0), (1, P1, 1, 1), (2, P1, 2, 2), (3, P1, 3, 3), (4, P1, 4, 4), (5, P1, 5, 5), (6, P2, 0, 0), (7, P2, 1, 1),
+    ]
+    assert records(tmp_path, from_offset=5) == [(5, P1, 5, 5), (6, P2, 0, 0), (7, P2, 1, 1)]
+
+
+def test_reopen_continues_offsets_and_recognises_retries(tmp_path):
+    topic_log = open_log(tmp_path)
+    write_batches(topic_log, [5])
+    topic_log.close()
+    reopened = open_log(tmp_path)
+    assert reopened.next_offset == 5 and reopened.producers == {P1: 5}
+    topic = Topic("t", reopened)
+    assert topic.append(P1, 0, 5, payload(0, 1, 2, 3, 4))[0] == DUPLICATE  # a retry after the restart
+    assert topic.append(P1, 5, 1, payload(5))[0] == 5
+
+
+def test_segments_roll_and_reads_seek_through_the_index(tmp_path):
+    topic_log = open_log(tmp_path, segment_bytes=200_000)
+    write_batches(topic_log, [20] * 2000)
+    topic_log.close()
+    bases = list_segments(str(tmp_path))
+    assert len(bases) >= 3 and bases[0] == 0
+    index = os.path.join(tmp_path, segment_name(bases[1]) + ".index")
+    assert os.path.getsize(index) >= 2 * tlog.INDEX_ENTRY.size  # sparse, but more than one entry
+    assert [r[0] for r in records(tmp_path)] == list(range(40_000))
+    with open(index, "rb") as f:
+        second_entry_offset = tlog.INDEX_ENTRY.unpack_from(f.read(), tlog.INDEX_ENTRY.size)[0]
+    middle = second_entry_offset + 5
+    assert tlog._index_position(index, middle) > 0  # the read seeks into the segment
+    assert [r[0] for r in records(tmp_path, from_offset=middle)] == list(range(middle, 40_000))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sizes=st.lists(st.integers(1, 5), min_size=1, max_size=8), where=st.floats(0, 1, exclude_max=True), damage=st.sampled_from(["truncate", "flip", "zero"]))
+def test_recovery_keeps_exactly_the_batches_before_the_damage(tmp_path_factory, sizes, where, damage):
+    directory = tmp_path_factory.mktemp("torn")
+    topic_log = open_log(directory)
+    written = write_batches(topic_log, sizes)
+    topic_log.close()
+    path = os.path.join(directory, segment_name(0) + ".log")
+    original = open(path, "rb").read()
+    data = bytearray(original)
+    at = int(where * len(data))
+    if damage == "truncate":
+        data = data[:at]
+    elif damage == "flip":
+        data[at] ^= 0xFF
+    else:
+        data[at:at + 8] = bytes(len(data[at:at + 8]))
+    with open(path, "wb") as f:
+        f.write(data)
+    # where the bytes really differ (zeroing bytes that were zero damages nothing)
+    at = next((i for i, (a, b) in enumerate(zip(original, data)) if a != b), min(len(data), len(original)))
+    if at == len(original):
+        at = len(original) + 1
+    # the batches wholly before the damaged byte survive; nothing from the damaged one on does
+    kept, end = [], 0
+    for base, values in written:
+        size = HEADER_SIZE + len(payload(*values))
+        if end + size > at:
+            break
+        kept.append((base, values))
+        end += size
+    recovered = open_log(directory)
+    assert recovered.recovered_dropped_bytes == len(data) - end
+    assert recovered.next_offset == sum(len(v) for _, v in kept)
+    expected = [(offset, P1, value, value) for base, values in kept for offset, value in zip(range(base, base + len(values)), values)]
+    assert records(directory) == expected
+    more = write_batches(recovered, [2])  # offsets and sequences continue from the last good record
+    assert more[0][0] == recovered.next_offset - 2
+    recovered.close()
+
+
+def test_damage_in_an_older_segment_is_reported_and_skipped(tmp_path, caplog):
+    topic_log = open_log(tmp_path, segment_bytes=4096)
+    write_batches(topic_log, [10] * 100)
+    topic_log.close()
+    bases = list_segments(str(tmp_path))
+    assert len(bases) >= 3  # bases[1] is an older segment, not the newest
+    victim = os.path.join(tmp_path, segment_name(bases[1]) + ".log")
+    with open(victim, "r+b") as f:
+        f.seek(HEADER_SIZE + 5)  # inside the first batch's payload
+        f.write(b"#")
+    with caplog.at_level(logging.WARNING):
+        topic_log = open_log(tmp_path, segment_bytes=4096)  # starts regardless
+        offsets = [r[0] for r in records(tmp_path)]
+    assert topic_log.next_offset == 1000
+    assert len(offsets) == 990 and set(range(bases[1], bases[1] + 10)).isdisjoint(offsets)
+    assert any("damaged batch" in r.getMessage() and segment_name(bases[1]) in r.getMessage() for r in caplog.records)
+
+
+def test_retention_keeps_the_topic_within_the_bound_plus_one_segment(tmp_path):
+    topic_log = open_log(tmp_path, segment_bytes=16 << 10, retention_bytes=64 << 10)
+    for _ in range(100):
+        write_batches(topic_log, [200])
+        on_disk = sum(os.path.getsize(os.path.join(tmp_path, n)) for n in os.listdir(tmp_path) if n.endswith(".log"))
+        assert on_disk <= (64 << 10) + (16 << 10)
+    assert topic_log.first_offset > 0
+    assert [r[0] for r in records(tmp_path)] == list(range(topic_log.first_offset, 20_000))
+
+
+def test_write_error_refuses_then_resumes_without_a_hole(tmp_path, monkeypatch):
+    topic_log = open_log(tmp_path)
+    write_batches(topic_log, [2])
+    real = os.pwritev
+
+    def disk_full(fd, buffers, offset):
+        real(fd, [buffers[0][:10]], offset)  # a torn attempt lands on disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tlog.os, "pwritev", disk_full)
+    with pytest.raises(LogUnavailable, match="No space"):
+        topic_log.append(P1, 2, 1, payload(2), 0)
+    assert topic_log.error == "No space left on device" and not topic_log.stats()["healthy"]
+    monkeypatch.setattr(tlog.os, "pwritev", real)
+    assert topic_log.append(P1, 2, 1, payload(2), 0) == 2
+    assert topic_log.error is None
+    topic_log.close()
+    assert [r[3] for r in records(tmp_path)] == [0, 1, 2]
+    assert open_log(tmp_path).recovered_dropped_bytes == 0
+
+
+def test_unusable_directory_is_refused(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError):
+        open_log(blocker / "topic")
