@@ -7,11 +7,12 @@ Every option can also be set from the environment as TELEMETRY_BROKER_<OPTION>
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
-
-import functools
+import sys
+import time
 
 import click
 
@@ -48,7 +49,11 @@ def command():
 def serve(host, port, http_host, http_port, max_message_bytes, log_level, log_format, **persistence):
     """Serve producers over ZeroMQ and stats over HTTP until SIGINT/SIGTERM."""
     cfg = BrokerConfig(
-        host=host, port=port, http_host=http_host or host, http_port=http_port, max_message_bytes=max_message_bytes,
+        host=host,
+        port=port,
+        http_host=http_host or host,
+        http_port=http_port,
+        max_message_bytes=max_message_bytes,
         persistence=persistence_config(**persistence),
     )
     setup_logging(log_level, log_format, component="broker")
@@ -101,8 +106,10 @@ def dump(persistence_dir, topic, from_offset, meta):
     try:
         for offset, batch, message in read_records(directory, from_offset):
             if meta:
-                out.write(b'{"offset":%d,"producer":"%s","seq":%d,"received":"%s","message":%s}\n' % (
-                    offset, batch.producer.hex().encode(), batch.base_seq + offset - batch.base_offset, _rfc3339_ns(batch.received_ns), message))
+                out.write(
+                    b'{"offset":%d,"producer":"%s","seq":%d,"received":"%s","message":%s}\n'
+                    % (offset, batch.producer.hex().encode(), batch.base_seq + offset - batch.base_offset, _rfc3339_ns(batch.received_ns), message)
+                )
             else:
                 out.write(message + b"\n")
         out.flush()

@@ -182,7 +182,7 @@ class Publisher:
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return not self._inflight
         return True
 

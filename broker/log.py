@@ -40,8 +40,8 @@ import os
 import struct
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 log = logging.getLogger("broker.log")
 
@@ -231,7 +231,9 @@ class TopicLog:
             os.ftruncate(seg.fd, position)
             os.fsync(seg.fd)
             self.recovered_dropped_bytes = end - position
-            log.warning("Log %s: dropped a torn or corrupt tail of %d bytes at offset %d; offsets continue from %d", seg.path, end - position, expected, expected)
+            log.warning(
+                "Log %s: dropped a torn or corrupt tail of %d bytes at offset %d; offsets continue from %d", seg.path, end - position, expected, expected
+            )
         seg.size = position
         seg.next_offset = expected
         seg.rewrite_index()
@@ -377,7 +379,13 @@ def scan(f, path: str, *, start: int = 0, verify: bool = True) -> Iterator[Batch
         resumed = _resync(f, position + 1, end)
         if resumed is None:
             return  # a torn or damaged tail: nothing valid after it
-        log.warning("Log %s: damaged batch at byte %d skipped (%d bytes); reading resumes at offset %d", path, position, resumed.position - position, resumed.base_offset)
+        log.warning(
+            "Log %s: damaged batch at byte %d skipped (%d bytes); reading resumes at offset %d",
+            path,
+            position,
+            resumed.position - position,
+            resumed.base_offset,
+        )
         position = resumed.position
 
 

@@ -54,10 +54,22 @@ def persistence_options(env_prefix: str):
         option("--persistence", is_flag=True, envvar=env_prefix + "PERSISTENCE", help="Keep each topic in a disk-persisted log."),
         option("--persistence-dir", default="/tmp/mq-data", envvar=env_prefix + "PERSISTENCE_DIR", help="Where the logs live (one directory per topic)."),
         option("--segment-bytes", type=Size(), default="64MiB", envvar=env_prefix + "SEGMENT_BYTES", help="Roll to a new segment file at this size."),
-        option("--fsync", type=click.Choice(FSYNC_POLICIES), default="interval", envvar=env_prefix + "FSYNC", help="always: before every acknowledgment; interval: every --fsync-interval-ms; never: leave it to the OS."),
+        option(
+            "--fsync",
+            type=click.Choice(FSYNC_POLICIES),
+            default="interval",
+            envvar=env_prefix + "FSYNC",
+            help="always: before every acknowledgment; interval: every --fsync-interval-ms; never: leave it to the OS.",
+        ),
         option("--fsync-interval-ms", type=click.IntRange(min=1), default=1000, envvar=env_prefix + "FSYNC_INTERVAL_MS"),
         option("--retention-bytes", type=Size(), default="1GiB", envvar=env_prefix + "RETENTION_BYTES", help="Delete the oldest segments beyond this size."),
-        option("--retention-age", type=Duration(), default="off", envvar=env_prefix + "RETENTION_AGE", help="Delete segments whose newest record is older (e.g. 24h)."),
+        option(
+            "--retention-age",
+            type=Duration(),
+            default="off",
+            envvar=env_prefix + "RETENTION_AGE",
+            help="Delete segments whose newest record is older (e.g. 24h).",
+        ),
     ]
 
     def apply(func):
@@ -74,6 +86,10 @@ def persistence_config(persistence, persistence_dir, segment_bytes, fsync, fsync
     if segment_bytes < 4096:
         raise click.BadParameter("must be at least 4096 bytes", param_hint="'--segment-bytes'")
     return PersistenceConfig(
-        directory=persistence_dir, segment_bytes=segment_bytes, fsync=fsync, fsync_interval_s=fsync_interval_ms / 1000,
-        retention_bytes=retention_bytes, retention_age_s=retention_age,
+        directory=persistence_dir,
+        segment_bytes=segment_bytes,
+        fsync=fsync,
+        fsync_interval_s=fsync_interval_ms / 1000,
+        retention_bytes=retention_bytes,
+        retention_age_s=retention_age,
     )

@@ -81,7 +81,13 @@ class Broker:
         self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._sample_rates())]
         if cfg.persistence is not None and cfg.persistence.fsync == "interval":
             self._tasks.append(asyncio.create_task(self._sync_periodically()))
-        log.info("Broker listening: ZeroMQ %s, HTTP %s (stats at %s/stats/%s)", self.zmq_url, self.http_url, self.http_url, cfg.topics[0] if cfg.topics else "<topic>")
+        log.info(
+            "Broker listening: ZeroMQ %s, HTTP %s (stats at %s/stats/%s)",
+            self.zmq_url,
+            self.http_url,
+            self.http_url,
+            cfg.topics[0] if cfg.topics else "<topic>",
+        )
 
     # -- serve ---------------------------------------------------------------------------------
 
@@ -199,8 +205,12 @@ class Broker:
         topic_log = None
         if persistence is not None:
             topic_log = TopicLog(
-                os.path.join(persistence.directory, name), segment_bytes=persistence.segment_bytes, fsync=persistence.fsync,
-                fsync_interval_s=persistence.fsync_interval_s, retention_bytes=persistence.retention_bytes, retention_age_s=persistence.retention_age_s,
+                os.path.join(persistence.directory, name),
+                segment_bytes=persistence.segment_bytes,
+                fsync=persistence.fsync,
+                fsync_interval_s=persistence.fsync_interval_s,
+                retention_bytes=persistence.retention_bytes,
+                retention_age_s=persistence.retention_age_s,
             )
             topic_log.open()
         topic = self.topics[name] = Topic(name, topic_log)

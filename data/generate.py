@@ -1,8 +1,8 @@
 """Write deterministic GPU telemetry CSVs: the sample in this folder, and large files for benchmarks.
 
-    python data/generate.py                                 # rewrites data/gpu_metrics.csv
-    python data/generate.py --rows 5000000 --out big.csv    # gpu_metrics shape, any size
-    python data/generate.py --dcgm --rows 100000 --out d.csv  # DCGM-exporter shape (12 columns, quoted labels)
+python data/generate.py                                 # rewrites data/gpu_metrics.csv
+python data/generate.py --rows 5000000 --out big.csv    # gpu_metrics shape, any size
+python data/generate.py --dcgm --rows 100000 --out d.csv  # DCGM-exporter shape (12 columns, quoted labels)
 """
 
 from __future__ import annotations
@@ -45,7 +45,20 @@ def dcgm_rows(n: int, rng: random.Random):
         value = {"DCGM_FI_DEV_POWER_USAGE": f"{rng.uniform(60, 700):.3f}"}.get(metric, str(rng.choice([0, 0, 1, rng.randint(0, 100)])))
         labels = f'DCGM_FI_DRIVER_VERSION="535.129.03",Hostname="{host}",UUID="{uuid}",__name__="{metric}",device="nvidia{gpu}",gpu="{gpu}",modelName="NVIDIA H100 80GB HBM3"'
         seconds = i // (GPUS_PER_HOST * len(DCGM_METRICS) * len(HOSTS))
-        yield [f"2025-07-18T20:{42 + seconds // 60 % 18:02d}:{seconds % 60:02d}Z", metric, gpu, f"nvidia{gpu}", uuid, "NVIDIA H100 80GB HBM3", host, "", "", "", value, labels]
+        yield [
+            f"2025-07-18T20:{42 + seconds // 60 % 18:02d}:{seconds % 60:02d}Z",
+            metric,
+            gpu,
+            f"nvidia{gpu}",
+            uuid,
+            "NVIDIA H100 80GB HBM3",
+            host,
+            "",
+            "",
+            "",
+            value,
+            labels,
+        ]
 
 
 def main(argv: list[str] | None = None) -> None:

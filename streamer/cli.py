@@ -6,11 +6,10 @@ become underscores: TELEMETRY_STREAMER_WORKERS=5, TELEMETRY_STREAMER_BROKER_URL=
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
-
-import functools
 
 import click
 
@@ -77,17 +76,58 @@ def _column_types(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
 @option("--workers", type=click.IntRange(min=1), default=1, envvar=env("WORKERS"), help="Worker processes.")
 @option("--rate", type=Rate(), default=1.0, envvar=env("RATE"), help="Messages per second per worker (fractions allowed; 0 = unthrottled).")
 @option("--topic", default="telemetry", callback=_topic, envvar=env("TOPIC"), help="Topic to publish to.")
-@option("--broker-url", default=None, callback=_broker_url, envvar=env("BROKER_URL"), help="Publish to a separate broker (tcp://HOST:PORT) instead of the embedded one.")
+@option(
+    "--broker-url",
+    default=None,
+    callback=_broker_url,
+    envvar=env("BROKER_URL"),
+    help="Publish to a separate broker (tcp://HOST:PORT) instead of the embedded one.",
+)
 @option("--broker-port", type=PORT, default=5555, envvar=env("BROKER_PORT"), help="Embedded broker's ZeroMQ port on 127.0.0.1 (0 = any free port).")
 @option("--http-host", default="127.0.0.1", envvar=env("HTTP_HOST"), help="Embedded broker's HTTP address.")
 @option("--http-port", type=PORT, default=8080, envvar=env("HTTP_PORT"), help="Embedded broker's HTTP port (0 = any free port).")
-@option("--shutdown-timeout", type=click.FloatRange(min=0, max=3600), default=10.0, envvar=env("SHUTDOWN_TIMEOUT"), help="Seconds a drain waits for acknowledgments.")
-@option("--column-type", "column_types", multiple=True, callback=_column_types, envvar=env("COLUMN_TYPE"), metavar="NAME=TYPE", help="Force a column's type: bool, int, float or string (repeatable).")
-@option("--buffer-messages", type=click.IntRange(min=1), default=100_000, envvar=env("BUFFER_MESSAGES"), help="Unacknowledged messages a worker holds before it pauses reading.")
+@option(
+    "--shutdown-timeout",
+    type=click.FloatRange(min=0, max=3600),
+    default=10.0,
+    envvar=env("SHUTDOWN_TIMEOUT"),
+    help="Seconds a drain waits for acknowledgments.",
+)
+@option(
+    "--column-type",
+    "column_types",
+    multiple=True,
+    callback=_column_types,
+    envvar=env("COLUMN_TYPE"),
+    metavar="NAME=TYPE",
+    help="Force a column's type: bool, int, float or string (repeatable).",
+)
+@option(
+    "--buffer-messages",
+    type=click.IntRange(min=1),
+    default=100_000,
+    envvar=env("BUFFER_MESSAGES"),
+    help="Unacknowledged messages a worker holds before it pauses reading.",
+)
 @persistence_options(ENV_PREFIX)
 @option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="info", envvar=env("LOG_LEVEL"))
 @option("--log-format", type=click.Choice(FORMATS), default="text", envvar=env("LOG_FORMAT"), help="text for people, json for log pipelines.")
-def command(csv_path, workers, rate, topic, broker_url, broker_port, http_host, http_port, shutdown_timeout, column_types, buffer_messages, log_level, log_format, **persistence):
+def command(
+    csv_path,
+    workers,
+    rate,
+    topic,
+    broker_url,
+    broker_port,
+    http_host,
+    http_port,
+    shutdown_timeout,
+    column_types,
+    buffer_messages,
+    log_level,
+    log_format,
+    **persistence,
+):
     """Stream a CSV file's rows as timestamped JSON messages into a topic, from N worker processes."""
     if persistence["persistence"] and broker_url:
         raise click.UsageError("--persistence belongs to the broker: with --broker-url, give it to `telemetry-broker serve` instead")
@@ -112,8 +152,15 @@ def command(csv_path, workers, rate, topic, broker_url, broker_port, http_host, 
             log_level=log_level.lower(),
             log_format=log_format,
         ),
-        broker=None if broker_url else BrokerConfig(
-            host="127.0.0.1", port=broker_port, http_host=http_host, http_port=http_port, topics=(topic,), persistence=persistence_cfg,
+        broker=None
+        if broker_url
+        else BrokerConfig(
+            host="127.0.0.1",
+            port=broker_port,
+            http_host=http_host,
+            http_port=http_port,
+            topics=(topic,),
+            persistence=persistence_cfg,
         ),
     )
     setup_logging(log_level, log_format, component="streamer")

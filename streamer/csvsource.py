@@ -21,9 +21,9 @@ import csv
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Iterator
 
 import orjson
 

@@ -20,7 +20,7 @@ value in a forced bool/int/float column becomes null.
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 _INT = re.compile(r"[+-]?[0-9]+")
 _FLOAT = re.compile(r"[+-]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?[0-9]+[eE][+-]?[0-9]+")

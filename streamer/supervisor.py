@@ -104,9 +104,7 @@ class Supervisor:
 
     def _spawn(self, slot: WorkerSlot) -> None:
         receiver, sender = self._mp.Pipe(duplex=False)
-        process = self._mp.Process(
-            target=worker.main, args=(self._worker_cfg, slot.index, sender, os.getpid()), name=f"worker-{slot.index}", daemon=False
-        )
+        process = self._mp.Process(target=worker.main, args=(self._worker_cfg, slot.index, sender, os.getpid()), name=f"worker-{slot.index}", daemon=False)
         process.start()
         sender.close()
         slot.process, slot.conn, slot.status = process, receiver, {}

@@ -20,7 +20,8 @@ def procs():
 @pytest.fixture
 def sample_csv(tmp_path):
     path = tmp_path / "gpu.csv"
-    path.write_bytes(b"gpu_id,utilization,temperature,memory_used,hostname,active\n" + b"".join(
-        b"%d,%d.5,%d,%d,node-%d,%s\n" % (i % 8, i % 100, 40 + i % 30, 1024 * i, i % 3, b"true" if i % 2 else b"false") for i in range(200)
-    ))
+    path.write_bytes(
+        b"gpu_id,utilization,temperature,memory_used,hostname,active\n"
+        + b"".join(b"%d,%d.5,%d,%d,node-%d,%s\n" % (i % 8, i % 100, 40 + i % 30, 1024 * i, i % 3, b"true" if i % 2 else b"false") for i in range(200))
+    )
     return str(path)

@@ -31,11 +31,17 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, message
 class Proc:
     """A module run with -m (or any `argv`), its output collected line by line by a thread."""
 
-    def __init__(self, module: str = "", *args: str, env: dict | None = None, argv: list[str] | None = None):
+    def __init__(self, module: str = "", *args: str, env: dict | None = None, argv: list[str] | None = None, preexec_fn=None):
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.popen = subprocess.Popen(
-            argv or [sys.executable, "-m", module, *args], cwd=ROOT, env=full_env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            argv or [sys.executable, "-m", module, *args],
+            cwd=ROOT,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            preexec_fn=preexec_fn,
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -126,7 +132,7 @@ def alive(pid: int) -> bool:
 
 def summary(output: str) -> dict:
     """The drain summary line's figures: published, unacknowledged, broker_accepted, per worker."""
-    line = [l for l in output.splitlines() if "published=" in l and ("Drained:" in l or "Forced exit:" in l)][-1]
+    line = [ln for ln in output.splitlines() if "published=" in ln and ("Drained:" in ln or "Forced exit:" in ln)][-1]
     figures = {k: int(v) for k, v in re.findall(r"\b(published|unacknowledged|broker_accepted)=(\d+)", line)}
     figures["workers"] = {int(k): int(v) for k, v in re.findall(r"worker (\d+)=(\d+)", line)}
     figures["line"] = line

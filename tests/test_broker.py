@@ -6,9 +6,9 @@ import socket
 import orjson
 import pytest
 import zmq
+from helpers import get_json, start_broker, wait_until
 
 from broker import protocol as p
-from helpers import get_json, start_broker, wait_until
 
 PRODUCER = b"\x01" * 16
 

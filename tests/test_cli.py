@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import ROOT
 
 
@@ -93,6 +92,18 @@ def test_port_in_use_is_one_line(tmp_path):
 def test_help_lists_every_option_and_its_environment_variable():
     code, stdout, _ = run("streamer", "--help")
     assert code == 0
-    for option in ("--csv", "--workers", "--rate", "--topic", "--broker-url", "--broker-port", "--http-host", "--http-port", "--shutdown-timeout", "--column-type", "--log-level"):
+    for option in (
+        "--csv",
+        "--workers",
+        "--rate",
+        "--topic",
+        "--broker-url",
+        "--broker-port",
+        "--http-host",
+        "--http-port",
+        "--shutdown-timeout",
+        "--column-type",
+        "--log-level",
+    ):
         assert option in stdout
         assert "TELEMETRY_STREAMER_" + option[2:].upper().replace("-", "_") in stdout

@@ -5,16 +5,30 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streamer.infer import BadValue, COLUMN_TYPES, converters_for, infer, parse_column_type
+from streamer.infer import COLUMN_TYPES, BadValue, converters_for, infer, parse_column_type
 
 
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("4096", 4096), ("-3", -3), ("+7", 7), ("0", 0), ("1", 1), ("007", 7),
-        ("9223372036854775807", 9223372036854775807), ("18446744073709551615", 18446744073709551615),
-        ("1.5", 1.5), (".5", 0.5), ("2.", 2.0), ("1e-3", 0.001), ("-2.5E+2", -250.0), ("1e5", 100000.0),
-        ("true", True), ("FALSE", False), ("True", True), ("tRuE", True),
+        ("4096", 4096),
+        ("-3", -3),
+        ("+7", 7),
+        ("0", 0),
+        ("1", 1),
+        ("007", 7),
+        ("9223372036854775807", 9223372036854775807),
+        ("18446744073709551615", 18446744073709551615),
+        ("1.5", 1.5),
+        (".5", 0.5),
+        ("2.", 2.0),
+        ("1e-3", 0.001),
+        ("-2.5E+2", -250.0),
+        ("1e5", 100000.0),
+        ("true", True),
+        ("FALSE", False),
+        ("True", True),
+        ("tRuE", True),
     ],
 )
 def test_numbers_and_booleans_get_their_json_type(text, expected):
@@ -24,8 +38,34 @@ def test_numbers_and_booleans_get_their_json_type(text, expected):
 
 @pytest.mark.parametrize(
     "text",
-    ["", " ", "abc", "1_000", " 12", "12 ", "nan", "NaN", "inf", "-Infinity", "١٢٣", "１２", "0x10", "1e", "e5", ".", "+", "1.2.3",
-     "yes", "no", "t", "f", "18446744073709551616", "-9223372036854775809", "1e999", "--1"],
+    [
+        "",
+        " ",
+        "abc",
+        "1_000",
+        " 12",
+        "12 ",
+        "nan",
+        "NaN",
+        "inf",
+        "-Infinity",
+        "١٢٣",
+        "１２",
+        "0x10",
+        "1e",
+        "e5",
+        ".",
+        "+",
+        "1.2.3",
+        "yes",
+        "no",
+        "t",
+        "f",
+        "18446744073709551616",
+        "-9223372036854775809",
+        "1e999",
+        "--1",
+    ],
 )
 def test_other_forms_stay_strings(text):
     assert infer(text) == text

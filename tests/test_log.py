@@ -41,7 +41,10 @@ def write_batches(topic_log, sizes, producer=P1):
 
 
 def records(directory, from_offset=0):
-    return [(offset, batch.producer, batch.base_seq + offset - batch.base_offset, orjson.loads(m)["v"]) for offset, batch, m in read_records(str(directory), from_offset)]
+    return [
+        (offset, batch.producer, batch.base_seq + offset - batch.base_offset, orjson.loads(m)["v"])
+        for offset, batch, m in read_records(str(directory), from_offset)
+    ]
 
 
 def test_round_trip_offsets_and_sequences(tmp_path):
@@ -50,7 +53,14 @@ def test_round_trip_offsets_and_sequences(tmp_path):
     write_batches(topic_log, [2], producer=P2)
     topic_log.close()
     assert records(tmp_path) == [
-        (0, P1, 0, 0), (1, P1, 1, 1), (2, P1, 2, 2), (3, P1, 3, 3), (4, P1, 4, 4), (5, P1, 5, 5), (6, P2, 0, 0), (7, P2, 1, 1),
+        (0, P1, 0, 0),
+        (1, P1, 1, 1),
+        (2, P1, 2, 2),
+        (3, P1, 3, 3),
+        (4, P1, 4, 4),
+        (5, P1, 5, 5),
+        (6, P2, 0, 0),
+        (7, P2, 1, 1),
     ]
     assert records(tmp_path, from_offset=5) == [(5, P1, 5, 5), (6, P2, 0, 0), (7, P2, 1, 1)]
 
@@ -98,7 +108,7 @@ def test_recovery_keeps_exactly_the_batches_before_the_damage(tmp_path_factory, 
     elif damage == "flip":
         data[at] ^= 0xFF
     else:
-        data[at:at + 8] = bytes(len(data[at:at + 8]))
+        data[at : at + 8] = bytes(len(data[at : at + 8]))
     with open(path, "wb") as f:
         f.write(data)
     # where the bytes really differ (zeroing bytes that were zero damages nothing)

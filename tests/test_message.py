@@ -32,7 +32,4 @@ def test_prefix_follows_the_clock_across_seconds(monkeypatch):
     clock = iter([1_760_707_661_999_999_999, 1_760_707_662_000_000_001])
     monkeypatch.setattr(message, "time_ns", lambda: next(clock))
     body = Envelope().batch([b"{}", b"{}"])
-    assert body == (
-        b'{"timestamp":"2025-10-17T13:27:41.999999999Z","fields":{}}\n'
-        b'{"timestamp":"2025-10-17T13:27:42.000000001Z","fields":{}}'
-    )
+    assert body == (b'{"timestamp":"2025-10-17T13:27:41.999999999Z","fields":{}}\n{"timestamp":"2025-10-17T13:27:42.000000001Z","fields":{}}')

@@ -9,10 +9,10 @@ import time
 import orjson
 import pytest
 import zmq
+from helpers import Proc, alive, children_of, get_json, start_broker, start_streamer, summary, wait_until
 
 from broker import protocol as p
 from streamer.supervisor import SIGNAL_DEBOUNCE_S
-from helpers import Proc, alive, children_of, get_json, start_broker, start_streamer, summary, wait_until
 
 
 def stats(http: str, topic: str = "telemetry") -> dict:
@@ -178,8 +178,23 @@ def test_drains_as_pid_1(procs, sample_csv, tmp_path):
     probe = subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip(f"PID namespaces unavailable: {probe.stderr.decode().strip()}")
-    proc = Proc(argv=["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", sys.executable, "-m", "streamer", f"--csv={sample_csv}",
-                      "--broker-port=0", "--http-port=0", "--workers=2", "--rate=100"])
+    proc = Proc(
+        argv=[
+            "unshare",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "--mount-proc",
+            sys.executable,
+            "-m",
+            "streamer",
+            f"--csv={sample_csv}",
+            "--broker-port=0",
+            "--http-port=0",
+            "--workers=2",
+            "--rate=100",
+        ]
+    )
     procs.append(proc)
     http = proc.wait_for_line(r"HTTP (http://\S+) ").group(1)
     wait_until(lambda: stats(http)["messages"] >= 50)

@@ -49,8 +49,10 @@ def main() -> None:
     drained = [line for line in log.splitlines() if "Drained:" in line or "Forced exit:" in line]
     figures = dict(re.findall(r"\b(published|broker_accepted)=(\d+)", drained[-1])) if drained else {}
     lossless = bool(figures) and figures["published"] == figures.get("broker_accepted")
-    print(f"{' '.join(streamer_args)}: {messages / elapsed:,.0f} msg/s, {megabytes / elapsed:,.1f} MB/s over {elapsed:.1f} s; "
-          f"exit {code}; drain {'lossless' if lossless else 'NOT lossless'}: {drained[-1].split('INFO')[-1].strip() if drained else 'no summary'}")
+    print(
+        f"{' '.join(streamer_args)}: {messages / elapsed:,.0f} msg/s, {megabytes / elapsed:,.1f} MB/s over {elapsed:.1f} s; "
+        f"exit {code}; drain {'lossless' if lossless else 'NOT lossless'}: {drained[-1].split('INFO')[-1].strip() if drained else 'no summary'}"
+    )
     sys.exit(0 if code == 0 and lossless else 1)
 
 
