@@ -1,4 +1,5 @@
-"""`telemetry-broker`: run the broker on its own (`serve`), read a persisted topic (`dump`).
+"""`telemetry-broker`: run the broker on its own (`serve`), read a persisted topic (`dump`),
+follow a topic live (`tail`).
 
 Every option can also be set from the environment as TELEMETRY_BROKER_<OPTION>
 (TELEMETRY_BROKER_PORT=5555, TELEMETRY_BROKER_HOST=0.0.0.0, ...).
@@ -20,7 +21,7 @@ from . import console
 from .config import BrokerConfig
 from .log import read_records
 from .logs import FORMATS, LEVELS, setup_logging
-from .options import persistence_config, persistence_options
+from .options import Timestamp, persistence_config, persistence_options
 from .protocol import MAX_MESSAGE_BYTES, valid_topic
 
 log = logging.getLogger("broker")
@@ -115,6 +116,74 @@ def dump(persistence_dir, topic, from_offset, meta):
         out.flush()
     except BrokenPipeError:  # `| head` closed the pipe: that is fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+@command.command()
+@option("--broker-url", default="tcp://127.0.0.1:5555", envvar=env("URL"), help="The broker's ZeroMQ address.")
+@option("--topic", default="telemetry", envvar=env("TOPIC"))
+@click.option("--from-beginning", is_flag=True, help="Start with the oldest message the broker holds.")
+@click.option("--from-offset", type=click.IntRange(min=0), help="Start at this offset.")
+@click.option("--from-time", type=Timestamp(), help="Start at the first message received at or after this time (RFC 3339).")
+@click.option("--meta", is_flag=True, help="Wrap each message as `dump --meta` does.")
+@click.option("--count", type=click.IntRange(min=1), help="Exit after this many messages.")
+def tail(broker_url, topic, from_beginning, from_offset, from_time, meta, count):
+    """Print a topic's messages as JSON lines as they arrive (new ones only, unless told where to start)."""
+    if sum(x is not None and x is not False for x in (from_beginning or None, from_offset, from_time)) > 1:
+        raise click.UsageError("give at most one of --from-beginning, --from-offset, --from-time")
+    if not valid_topic(topic):
+        raise click.BadParameter(f"{topic!r} is not a valid topic name", param_hint="'--topic'")
+    setup_logging("warning", "text", component="tail")
+    import uvloop
+
+    from .client import Subscriber
+
+    subscriber = Subscriber(broker_url, topic, from_beginning=from_beginning, from_offset=from_offset, from_time_ns=from_time)
+    try:
+        return uvloop.run(_tail(subscriber, meta, count))
+    except BrokenPipeError:  # `| head` closed the pipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+async def _tail(subscriber, meta: bool, count: int | None) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    out = sys.stdout.buffer
+    printed = 0
+
+    async def run() -> None:
+        nonlocal printed
+        await subscriber.start()
+        async for first, messages in subscriber.batches():
+            producer, first_seq, received = subscriber.last_batch
+            for i, message in enumerate(messages):
+                if meta:
+                    out.write(
+                        b'{"offset":%d,"producer":"%s","seq":%d,"received":"%s","message":%s}\n'
+                        % (first + i, producer.hex().encode(), first_seq + i, _rfc3339_ns(received), message)
+                    )
+                else:
+                    out.write(message + b"\n")
+                printed += 1
+                if count is not None and printed >= count:
+                    out.flush()
+                    return
+            out.flush()
+
+    reading = asyncio.create_task(run())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (reading, stopping):
+        task.cancel()
+    results = await asyncio.gather(reading, stopping, return_exceptions=True)
+    await subscriber.close()
+    if isinstance(results[0], BrokenPipeError):
+        raise results[0]
+    if subscriber.missed:
+        log.warning("tail: missed %d messages (this reader fell behind)", subscriber.missed)
     return 0
 
 

@@ -4,12 +4,15 @@
     GET /stats/<topic>    one topic's stats; 404 with a JSON error if the topic is unknown
     GET /healthz          200 while the broker is serving; 503 while a topic's log cannot be written
     GET /readyz           200 while serving, 503 once a drain has begun
+    GET /topics/<topic>/stream   new messages as Server-Sent Events ("data: <json>" each); a
+                          subscriber whose queue overflowed gets `event: missed` with the count
 
 Every error, including unknown paths and wrong methods, is a JSON object {"error": ...}.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import orjson
@@ -63,6 +66,28 @@ async def _readyz(request: web.Request) -> web.Response:
     return _json({"status": "ready"})
 
 
+async def _stream(request: web.Request) -> web.StreamResponse:
+    broker = request.app[BROKER]
+    name = request.match_info["topic"]
+    topic = broker.topics.get(name)
+    if topic is None:
+        return _json({"error": f"unknown topic {name!r}"}, status=404)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    sub = broker.add_sse_subscriber(topic)
+    try:
+        await response.write(b": subscribed to " + name.encode() + b"\n\n")
+        while True:
+            span, missed = await sub.queue.get()
+            head = b'event: missed\ndata: {"missed":%d}\n\n' % missed if missed else b""
+            await response.write(head + b"data: " + span.body.replace(b"\n", b"\n\ndata: ") + b"\n\n")
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass  # the client left, or the broker is closing
+    finally:
+        broker.remove_subscriber(topic, sub)
+    return response
+
+
 def make_app(broker) -> web.Application:
     app = web.Application(middlewares=[_json_errors])
     app[BROKER] = broker
@@ -70,6 +95,7 @@ def make_app(broker) -> web.Application:
     app.router.add_get("/stats/{topic}", _topic_stats)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/topics/{topic}/stream", _stream)
     return app
 
 

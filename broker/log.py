@@ -406,15 +406,12 @@ def _resync(f, position: int, end: int) -> Batch | None:
     return None
 
 
-def read_records(directory: str, from_offset: int = 0) -> Iterator[tuple[int, Batch, bytes]]:
-    """(offset, batch, message) for every retained record from `from_offset`, in offset order.
-
-    Constant memory: one batch at a time. Works while a broker is writing (reads to the last
-    complete batch) and after one died (a torn tail ends the read).
+def read_batches(directory: str, from_offset: int = 0, from_time_ns: int | None = None) -> Iterator[Batch]:
+    """Valid batches holding offsets >= `from_offset` (and received at or after `from_time_ns`,
+    if given), in offset order. Constant memory: one batch at a time. Works while a broker is
+    writing (reads to the last complete batch) and after one died (a torn tail ends the read).
     """
     bases = list_segments(directory)
-    if not bases:
-        return
     first = max(0, bisect.bisect_right(bases, from_offset) - 1)
     for base in bases[first:]:
         path = os.path.join(directory, segment_name(base) + SEGMENT_SUFFIX)
@@ -423,15 +420,23 @@ def read_records(directory: str, from_offset: int = 0) -> Iterator[tuple[int, Ba
         except FileNotFoundError:  # deleted by retention meanwhile
             continue
         with f:
+            if from_time_ns is not None and os.fstat(f.fileno()).st_mtime_ns < from_time_ns:
+                continue  # its newest record is older than asked
             start = _index_position(os.path.join(directory, segment_name(base) + INDEX_SUFFIX), from_offset)
             for batch in scan(f, path, start=start):
-                if batch.next_offset <= from_offset:
+                if batch.next_offset <= from_offset or (from_time_ns is not None and batch.received_ns < from_time_ns):
                     continue
-                offset = batch.base_offset
-                for message in batch.payload.split(b"\n"):
-                    if offset >= from_offset:
-                        yield offset, batch, message
-                    offset += 1
+                yield batch
+
+
+def read_records(directory: str, from_offset: int = 0) -> Iterator[tuple[int, Batch, bytes]]:
+    """(offset, batch, message) for every retained record from `from_offset`, in offset order."""
+    for batch in read_batches(directory, from_offset):
+        offset = batch.base_offset
+        for message in batch.payload.split(b"\n"):
+            if offset >= from_offset:
+                yield offset, batch, message
+            offset += 1
 
 
 def _index_position(index_path: str, offset: int) -> int:

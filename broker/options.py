@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
+from datetime import datetime
 
 import click
 
@@ -45,6 +46,23 @@ class Duration(click.ParamType):
         if not match:
             self.fail(f"{value!r} is not a duration (e.g. 90s, 15m, 24h, 7d, off)", param, ctx)
         return float(match.group(1)) * _SECONDS[match.group(2) or ""]
+
+
+class Timestamp(click.ParamType):
+    """An RFC 3339 time (2025-10-17T13:00:00Z, with optional fraction and offset), as ns since the epoch."""
+
+    name = "time"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        except ValueError:
+            self.fail(f"{value!r} is not an RFC 3339 time (e.g. 2025-10-17T13:00:00Z)", param, ctx)
+        if parsed.tzinfo is None:
+            self.fail(f"{value!r} has no time zone (add Z for UTC)", param, ctx)
+        return int(parsed.timestamp()) * 1_000_000_000 + parsed.microsecond * 1000
 
 
 def persistence_options(env_prefix: str):

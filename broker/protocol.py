@@ -13,6 +13,23 @@ Producer -> broker
              the producer's own cumulative counters, e.g. {"name": "worker-0@host",
              "skipped": {"field_count": 2}}; the broker keeps the latest per producer.
 
+Subscriber -> broker
+
+    SUBSCRIBE    | "TLM1" | "S" | topic | SUB_HEADER
+                 SUB_HEADER (9 B) = start (u8: FROM_LIVE, FROM_BEGINNING, FROM_OFFSET, FROM_TIME) | value (u64:
+                 the offset, or the time in ns since the epoch)
+                 the broker replays what it holds from the start (flow-controlled: nothing is dropped while
+                 catching up), then sends every new batch as it is accepted. Subscribing again replaces it.
+    UNSUBSCRIBE  | "TLM1" | "X" | topic
+
+Broker -> subscriber
+
+    DELIVER  | "TLM1" | "D" | topic | DELIVER_HEADER | body
+             DELIVER_HEADER (52 B) = first offset (u64) | count (u32) | missed (u64) | producer id (16 B) |
+                                     first seq (u64) | received (u64, ns since the epoch)
+             body as in PUBLISH (one accepted batch, or its tail); `missed` counts the messages this subscriber lost (its queue was full) since
+             the previous DELIVER, so a subscriber always knows when it missed something.
+
 Broker -> producer (routed back to the sending DEALER)
 
     ACK      | "TLM1" | "A" | ACK_BODY
@@ -41,6 +58,11 @@ PUBLISH = b"P"
 REPORT = b"R"
 ACK = b"A"
 NACK = b"N"
+SUBSCRIBE = b"S"
+UNSUBSCRIBE = b"X"
+DELIVER = b"D"
+
+FROM_LIVE, FROM_BEGINNING, FROM_OFFSET, FROM_TIME = range(4)
 
 NACK_SEQUENCE = b"S"
 NACK_UNAVAILABLE = b"U"
@@ -49,6 +71,8 @@ NACK_INVALID = b"I"
 PUB_HEADER = struct.Struct(">16sQI")
 ACK_BODY = struct.Struct(">QIQ")
 NACK_BODY = struct.Struct(">QIQ")
+SUB_HEADER = struct.Struct(">BQ")
+DELIVER_HEADER = struct.Struct(">QIQ16sQQ")
 PRODUCER_ID_BYTES = 16
 DUPLICATE = 2**64 - 1
 
@@ -77,3 +101,11 @@ def ack_frames(first_seq: int, count: int, first_offset: int) -> list[bytes]:
 
 def nack_frames(first_seq: int, count: int, code: bytes, reason: str, expected_seq: int = 0) -> list[bytes]:
     return [SIGNATURE, NACK, NACK_BODY.pack(first_seq, count, expected_seq), code, reason.encode()]
+
+
+def subscribe_frames(topic: bytes, start: int = FROM_LIVE, value: int = 0) -> list[bytes]:
+    return [SIGNATURE, SUBSCRIBE, topic, SUB_HEADER.pack(start, value)]
+
+
+def deliver_frames(topic: bytes, first_offset: int, count: int, missed: int, producer: bytes, first_seq: int, received_ns: int, body: bytes) -> list[bytes]:
+    return [SIGNATURE, DELIVER, topic, DELIVER_HEADER.pack(first_offset, count, missed, producer, first_seq, received_ns), body]

@@ -9,6 +9,7 @@ they can flush), `close()` stops receiving and closes the sockets.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
@@ -21,13 +22,18 @@ import zmq.asyncio
 from . import protocol as p
 from .config import BrokerConfig
 from .log import LogUnavailable, TopicLog
-from .topic import SequenceGap, Topic
+from .topic import SequenceGap, Span, Subscriber, Topic
 
 log = logging.getLogger("broker")
 
 _BAD_FRAME_LOG_INTERVAL_S = 10.0
 _MAX_BATCH_FRAME = 256 << 20
+SUBSCRIBER_QUEUE = 1000  # batches queued for one subscriber before its new ones are dropped (counted)
+_REPLAY_RETRY_S = 0.01
 _BURST = 64  # frames handled (and made durable together) before the loop lets other tasks run  # larger frames are refused by ZeroMQ before they reach us
+
+
+ZMQ_SENT, ZMQ_AGAIN, ZMQ_GONE = range(3)
 
 
 class BrokerStartError(Exception):
@@ -49,6 +55,9 @@ class Broker:
         self._tasks: list[asyncio.Task] = []
         self._bad_frames_logged_at: dict[str, float] = {}
         self._replies: list[tuple[bytes, Topic | None, list[bytes]]] = []  # sent once the burst is durable
+        self._fanout: list[tuple[Topic, Span]] = []  # delivered to live subscribers once the burst is durable
+        self._replays: dict[bytes, asyncio.Task] = {}
+        self._sse_ids = itertools.count(1)
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -63,7 +72,8 @@ class Broker:
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, max(_MAX_BATCH_FRAME, cfg.max_message_bytes * 4))
         router.setsockopt(zmq.RCVHWM, 10_000)
-        router.setsockopt(zmq.SNDHWM, 10_000)
+        router.setsockopt(zmq.SNDHWM, SUBSCRIBER_QUEUE)  # per peer: a subscriber's bounded queue
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full or vanished peer is reported, not silently skipped
         address = f"tcp://{cfg.host}:{cfg.port or '*'}"
         try:
             router.bind(address)
@@ -130,6 +140,98 @@ class Broker:
                 first_seq, count, _ = p.ACK_BODY.unpack(frames[2])
                 frames = p.nack_frames(first_seq, count, p.NACK_UNAVAILABLE, f"log fsync failed: {topic.log.error}")
             self._send(identity, frames)
+        fanout, self._fanout = self._fanout, []
+        for topic, span in fanout:
+            if id(topic) not in failed:
+                for sub in list(topic.subscribers.values()):
+                    if sub.live:
+                        self._deliver(topic, sub, span)
+
+    # -- subscribers ---------------------------------------------------------------------------
+
+    def _deliver(self, topic: Topic, sub: Subscriber, span: Span) -> bool:
+        """Queue one span for a live subscriber; if its queue is full the span is dropped and
+        counted (the producers never wait for a subscriber)."""
+        if sub.kind == "sse":
+            try:
+                sub.queue.put_nowait((span, sub.missed))
+            except asyncio.QueueFull:
+                sent = ZMQ_AGAIN
+            else:
+                sent = ZMQ_SENT
+        else:
+            sent = self._send(
+                sub.key,
+                p.deliver_frames(topic.name.encode(), span.first_offset, span.count, sub.missed, span.producer, span.first_seq, span.received_ns, span.body),
+            )
+        if sent == ZMQ_SENT:
+            sub.delivered += span.count
+            sub.missed = 0
+            return True
+        if sent == ZMQ_AGAIN:
+            sub.dropped += span.count
+            sub.missed += span.count
+        else:
+            self._unsubscribe(topic, sub.key)
+        return False
+
+    def _subscribe(self, identity: bytes, topic_name: bytes, start: int, value: int) -> None:
+        topic = self._topic(topic_name)
+        if topic is None or start > p.FROM_TIME:
+            self._bad_frame("bad_subscribe")
+            return
+        self._unsubscribe(topic, identity)  # subscribing again replaces the subscription
+        sub = topic.subscribers[identity] = Subscriber(identity, "zmq")
+        if start == p.FROM_LIVE:
+            sub.live = True
+            return
+        from_offset = value if start == p.FROM_OFFSET else 0
+        from_time = value if start == p.FROM_TIME else None
+        self._replays[identity] = asyncio.create_task(self._replay(topic, sub, from_offset, from_time))
+
+    def _unsubscribe(self, topic: Topic, key: object) -> None:
+        sub = topic.subscribers.pop(key, None)
+        task = self._replays.pop(key, None) if sub is not None else None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    async def _replay(self, topic: Topic, sub: Subscriber, from_offset: int, from_time: int | None) -> None:
+        """Send what the topic holds from the start asked for, waiting (not dropping) while the
+        subscriber's queue is full; then, in the same step as the last check, go live."""
+        cursor = from_offset
+        name = topic.name.encode()
+        try:
+            while cursor < topic.next_offset:
+                for span in topic.history(cursor, from_time):
+                    while True:
+                        sent = self._send(
+                            sub.key, p.deliver_frames(name, span.first_offset, span.count, 0, span.producer, span.first_seq, span.received_ns, span.body)
+                        )
+                        if sent != ZMQ_AGAIN:
+                            break
+                        await asyncio.sleep(_REPLAY_RETRY_S)
+                    if sent == ZMQ_GONE:
+                        self._unsubscribe(topic, sub.key)
+                        return
+                    sub.delivered += span.count
+                    cursor = span.first_offset + span.count
+                    from_time = None  # the time only picks the first batch
+                    await asyncio.sleep(0)
+                if from_time is not None:  # nothing at or after that time yet
+                    cursor = topic.next_offset
+                elif cursor < topic.next_offset and not any(True for _ in topic.history(cursor)):
+                    cursor = topic.next_offset  # the rest is no longer held (retention)
+            sub.live = True
+        finally:
+            self._replays.pop(sub.key, None)
+
+    def add_sse_subscriber(self, topic: Topic, queue_size: int = SUBSCRIBER_QUEUE) -> Subscriber:
+        key = f"sse-{next(self._sse_ids)}"
+        sub = topic.subscribers[key] = Subscriber(key, "sse", live=True, queue=asyncio.Queue(queue_size))
+        return sub
+
+    def remove_subscriber(self, topic: Topic, sub: Subscriber) -> None:
+        self._unsubscribe(topic, sub.key)
 
     def _handle(self, frames: list[bytes]) -> None:
         if len(frames) < 3 or frames[1] != p.SIGNATURE:
@@ -140,6 +242,12 @@ class Broker:
             self._publish(frames[0], frames[3], frames[4], frames[5])
         elif command == p.REPORT and len(frames) == 6:
             self._report(frames[3], frames[4], frames[5])
+        elif command == p.SUBSCRIBE and len(frames) == 5 and len(frames[4]) == p.SUB_HEADER.size:
+            self._subscribe(frames[0], frames[3], *p.SUB_HEADER.unpack(frames[4]))
+        elif command == p.UNSUBSCRIBE and len(frames) == 4:
+            topic = self._topic(frames[3])
+            if topic is not None:
+                self._unsubscribe(topic, frames[0])
         else:
             self._bad_frame("unknown_command")
 
@@ -163,13 +271,15 @@ class Broker:
             self._replies.append((identity, topic, p.nack_frames(first_seq, count, p.NACK_INVALID, reason)))
             return
         try:
-            first_offset, _stored, _body = topic.append(producer_id, first_seq, count, body)
+            span = topic.append(producer_id, first_seq, count, body)
         except SequenceGap as gap:
             reply = p.nack_frames(first_seq, count, p.NACK_SEQUENCE, "sequence gap", gap.expected)
         except LogUnavailable as exc:
             reply = p.nack_frames(first_seq, count, p.NACK_UNAVAILABLE, f"log write failed: {exc}")
         else:
-            reply = p.ack_frames(first_seq, count, first_offset)
+            reply = p.ack_frames(first_seq, count, span.first_offset)
+            if span.count and topic.subscribers:
+                self._fanout.append((topic, span))
         self._replies.append((identity, topic, reply))
 
     def _report(self, topic_name: bytes, producer_id: bytes, report: bytes) -> None:
@@ -233,10 +343,16 @@ class Broker:
                 where = os.path.join(persistence.directory, name) if persistence else name
                 raise BrokerStartError(f"cannot use persistence directory {where}: {exc.strerror or exc}") from None
 
-    def _send(self, identity: bytes, frames: list[bytes]) -> None:
-        # ROUTER never blocks: a reply to a peer that is gone or full is dropped, and the
-        # producer's retransmission covers it.
-        self._router.send_multipart([identity, *frames])
+    def _send(self, identity: bytes, frames: list[bytes]) -> int:
+        """Send without ever waiting: ZMQ_SENT, ZMQ_AGAIN (the peer's queue is full) or ZMQ_GONE.
+        A reply lost this way is covered by the producer's retransmission."""
+        future = self._router.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
+        if not future.done():
+            return ZMQ_SENT
+        error = future.exception()
+        if error is None:
+            return ZMQ_SENT
+        return ZMQ_AGAIN if isinstance(error, zmq.Again) else ZMQ_GONE
 
     def _bad_frame(self, reason: str) -> None:
         self.bad_frames[reason] += 1
@@ -300,9 +416,10 @@ class Broker:
 
     async def close(self) -> None:
         """Stop receiving, close the HTTP server and the ZeroMQ socket."""
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._replays.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks = []
         if self._http is not None:
             await self._http.cleanup()

@@ -12,12 +12,33 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from .log import TopicLog
+from .log import TopicLog, read_batches
 from .protocol import DUPLICATE, SEPARATOR
 
 RATE_WINDOW_S = 10.0
+MEMORY_WINDOW_BYTES = 64 << 20  # recent batches a topic without persistence keeps for replay
+
+
+class Span(NamedTuple):
+    """Consecutive messages of one producer batch, as accepted: what is stored, delivered, replayed."""
+
+    first_offset: int
+    count: int
+    body: bytes  # the messages joined by b"\n"
+    producer: bytes = b""
+    first_seq: int = 0
+    received_ns: int = 0
+
+    def from_offset(self, offset: int) -> Span:
+        """This span without its messages before `offset`."""
+        skip = offset - self.first_offset
+        if skip <= 0:
+            return self
+        return Span(offset, self.count - skip, self.body.split(SEPARATOR, skip)[skip], self.producer, self.first_seq + skip, self.received_ns)
 
 
 def rfc3339(epoch_s: float) -> str:
@@ -32,6 +53,22 @@ class Producer:
     duplicates: int = 0
     last_seen: float = 0.0  # wall clock, for display
     report: dict = field(default_factory=dict)  # the producer's latest REPORT
+
+
+@dataclass(slots=True, eq=False)
+class Subscriber:
+    """One live subscription: over ZeroMQ (key: its identity) or Server-Sent Events (a queue)."""
+
+    key: object
+    kind: str  # "zmq" or "sse"
+    delivered: int = 0
+    dropped: int = 0  # messages lost because its queue was full
+    missed: int = 0  # dropped since the last delivery (told to the subscriber with the next one)
+    live: bool = False  # caught up: receives new batches as they are accepted
+    queue: object = None  # sse: asyncio.Queue of (Span, missed)
+
+    def stats(self) -> dict:
+        return {"kind": self.kind, "delivered": self.delivered, "dropped": self.dropped, "live": self.live}
 
 
 class SequenceGap(Exception):
@@ -52,14 +89,17 @@ class Topic:
         self.duplicates = 0
         self.producers: dict[bytes, Producer] = {}
         self.rejected: Counter = Counter()  # invalid batches, by reason
+        self.recent: deque[Span] = deque()  # without persistence: the last MEMORY_WINDOW_BYTES accepted
+        self.recent_bytes = 0
+        self.subscribers: dict[object, Subscriber] = {}
         self.created = time.monotonic()
         self._samples: deque[tuple[float, int]] = deque([(self.created, 0)])
         if log is not None:  # continue where the log ends, and keep recognising retries
             self.next_offset = log.next_offset
             self.producers = {pid: Producer(next_seq=seq) for pid, seq in log.producers.items()}
 
-    def append(self, producer_id: bytes, first_seq: int, count: int, body: bytes) -> tuple[int, int, bytes]:
-        """Accept a batch; returns (first offset or DUPLICATE, messages stored, stored body).
+    def append(self, producer_id: bytes, first_seq: int, count: int, body: bytes) -> Span:
+        """Accept a batch; returns the Span stored (first offset DUPLICATE and count 0 if none).
 
         Raises SequenceGap when messages before `first_seq` are missing, and LogUnavailable when
         the log cannot store the batch (then nothing about the topic has changed).
@@ -77,11 +117,12 @@ class Topic:
             if held >= count:
                 producer.duplicates += count
                 self.duplicates += count
-                return DUPLICATE, 0, b""
+                return Span(DUPLICATE, 0, b"")
             body = body.split(SEPARATOR, held)[held]
             count -= held
+        received = time.time_ns()
         if self.log is not None:
-            self.log.append(producer_id, expected, count, body, time.time_ns())
+            self.log.append(producer_id, expected, count, body, received)
         if held:
             producer.duplicates += held
             self.duplicates += held
@@ -92,7 +133,27 @@ class Topic:
         producer.next_seq = expected + count
         producer.messages += count
         producer.bytes += len(body) - count + 1
-        return first_offset, count, body
+        span = Span(first_offset, count, body, producer_id, expected, received)
+        if self.log is None:
+            self._remember(span)
+        return span
+
+    def _remember(self, span: Span) -> None:
+        self.recent.append(span)
+        self.recent_bytes += len(span.body)
+        while self.recent_bytes > MEMORY_WINDOW_BYTES and len(self.recent) > 1:
+            self.recent_bytes -= len(self.recent.popleft().body)
+
+    def history(self, from_offset: int, from_time_ns: int | None = None) -> Iterator[Span]:
+        """What the topic still holds from `from_offset` (and `from_time_ns`), oldest first: the log
+        with persistence, else the recent-batches window."""
+        if self.log is not None:
+            batches = read_batches(self.log.directory, from_offset, from_time_ns)
+            spans = (Span(b.base_offset, b.count, b.payload, b.producer, b.base_seq, b.received_ns) for b in batches)
+        else:
+            spans = (s for s in list(self.recent) if s.first_offset + s.count > from_offset and (from_time_ns is None or s.received_ns >= from_time_ns))
+        for span in spans:
+            yield span.from_offset(from_offset)
 
     def sample_rate(self, now: float) -> None:
         """Called about once a second: remembers the message count for the rate window."""
@@ -134,7 +195,7 @@ class Topic:
             },
             "skipped": self.skipped(),
             "rejected": dict(self.rejected),
-            "subscribers": {},
+            "subscribers": {str(key): sub.stats() for key, sub in self.subscribers.items()},
             "uptime_s": round(now - started, 3),
             **({"persistence": self.log.stats()} if self.log is not None else {}),
         }
