@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import signal
+import stat
 import sys
 import time
 
@@ -44,10 +45,17 @@ def command():
 @option("--http-host", default=None, envvar=env("HTTP_HOST"), help="HTTP bind address [default: same as --host].")
 @option("--http-port", type=PORT, default=8080, envvar=env("HTTP_PORT"), help="HTTP port (0 = any free port).")
 @option("--max-message-bytes", type=click.IntRange(min=64), default=MAX_MESSAGE_BYTES, envvar=env("MAX_MESSAGE_BYTES"), help="Largest message accepted.")
+@option(
+    "--subscriber-queue",
+    type=click.IntRange(min=1),
+    default=100,
+    envvar=env("SUBSCRIBER_QUEUE"),
+    help="Batches queued per subscriber; beyond, its new batches are dropped and counted.",
+)
 @persistence_options("TELEMETRY_BROKER_")
 @option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="info", envvar=env("LOG_LEVEL"))
 @option("--log-format", type=click.Choice(FORMATS), default="text", envvar=env("LOG_FORMAT"))
-def serve(host, port, http_host, http_port, max_message_bytes, log_level, log_format, **persistence):
+def serve(host, port, http_host, http_port, max_message_bytes, subscriber_queue, log_level, log_format, **persistence):
     """Serve producers over ZeroMQ and stats over HTTP until SIGINT/SIGTERM."""
     cfg = BrokerConfig(
         host=host,
@@ -55,6 +63,7 @@ def serve(host, port, http_host, http_port, max_message_bytes, log_level, log_fo
         http_host=http_host or host,
         http_port=http_port,
         max_message_bytes=max_message_bytes,
+        subscriber_queue=subscriber_queue,
         persistence=persistence_config(**persistence),
     )
     setup_logging(log_level, log_format, component="broker")
@@ -153,6 +162,9 @@ async def _tail(subscriber, meta: bool, count: int | None) -> int:
         loop.add_signal_handler(sig, stop.set)
     out = sys.stdout.buffer
     printed = 0
+    if stat.S_ISFIFO(os.fstat(out.fileno()).st_mode):
+        # a pipe whose reader left (`| head`) polls as an error on our end: stop now, not at the next write
+        loop.add_reader(out.fileno(), stop.set)
 
     async def run() -> None:
         nonlocal printed

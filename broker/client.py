@@ -221,12 +221,15 @@ class Subscriber:
         from_offset: int | None = None,
         from_time_ns: int | None = None,
         resubscribe_s: float = 5.0,
+        queue: int = 100,
         context: zmq.asyncio.Context | None = None,
     ):
         if not p.valid_topic(topic):
             raise ValueError(f"invalid topic name {topic!r}")
         self.url = url
         self.topic = topic
+        self.queue = queue  # batches the broker may send ahead of what this subscriber consumed (its credit)
+        self._consumed = 0  # batches consumed since credit was last granted
         self.missed = 0
         self.next_offset: int | None = None  # the offset expected next, once anything arrived
         self.last_batch: tuple[bytes, int, int] = (b"", 0, 0)  # producer, first seq, received ns
@@ -255,7 +258,8 @@ class Subscriber:
 
     async def _subscribe(self) -> None:
         start, value = self._start if self.next_offset is None else (p.FROM_OFFSET, self.next_offset)
-        await self._sock.send_multipart(p.subscribe_frames(self.topic.encode(), start, value))
+        self._consumed = 0
+        await self._sock.send_multipart(p.subscribe_frames(self.topic.encode(), start, value, self.queue))
 
     async def batches(self):
         """(first offset, [message bytes]) as they arrive; messages before `next_offset` are skipped."""
@@ -266,6 +270,10 @@ class Subscriber:
             frames = await self._sock.recv_multipart()
             if len(frames) != 5 or frames[0] != p.SIGNATURE or frames[1] != p.DELIVER or len(frames[3]) != p.DELIVER_HEADER.size:
                 continue
+            self._consumed += 1  # grant credit back in steps of a quarter of the queue
+            if self._consumed >= max(1, self.queue // 4):
+                await self._sock.send_multipart(p.credit_frames(self.topic.encode(), self._consumed))
+                self._consumed = 0
             first, count, missed, producer, first_seq, received = p.DELIVER_HEADER.unpack(frames[3])
             messages = frames[4].split(p.SEPARATOR)
             if self.next_offset is not None and first < self.next_offset:  # already seen (a resubscription overlap)

@@ -24,5 +24,6 @@ class BrokerConfig:
     http_host: str = "127.0.0.1"
     http_port: int = 8080  # 0 picks a free one
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    subscriber_queue: int = 100  # batches queued per subscriber before its new ones are dropped
     topics: tuple[str, ...] = ("telemetry",)  # created at start, so their stats answer at once
     persistence: PersistenceConfig | None = None  # None: topics live in memory only

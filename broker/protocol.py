@@ -16,10 +16,15 @@ Producer -> broker
 Subscriber -> broker
 
     SUBSCRIBE    | "TLM1" | "S" | topic | SUB_HEADER
-                 SUB_HEADER (9 B) = start (u8: FROM_LIVE, FROM_BEGINNING, FROM_OFFSET, FROM_TIME) | value (u64:
-                 the offset, or the time in ns since the epoch)
-                 the broker replays what it holds from the start (flow-controlled: nothing is dropped while
-                 catching up), then sends every new batch as it is accepted. Subscribing again replaces it.
+                 SUB_HEADER (13 B) = start (u8: FROM_LIVE, FROM_BEGINNING, FROM_OFFSET, FROM_TIME) | value (u64:
+                 the offset, or the time in ns since the epoch) | credit (u32)
+                 the broker replays what it holds from the start, then sends every new batch as it is
+                 accepted. Subscribing again replaces the subscription.
+    CREDIT       | "TLM1" | "C" | topic | credit (u32)
+                 Flow control (credit-based, as in the ZeroMQ guide): each DELIVER spends one credit; the
+                 subscriber grants more as it consumes. While catching up the broker waits for credit; when
+                 live it drops new batches for a subscriber without credit, and counts them. A subscriber
+                 holds at most the broker's --subscriber-queue credits.
     UNSUBSCRIBE  | "TLM1" | "X" | topic
 
 Broker -> subscriber
@@ -59,6 +64,7 @@ REPORT = b"R"
 ACK = b"A"
 NACK = b"N"
 SUBSCRIBE = b"S"
+CREDIT = b"C"
 UNSUBSCRIBE = b"X"
 DELIVER = b"D"
 
@@ -71,7 +77,8 @@ NACK_INVALID = b"I"
 PUB_HEADER = struct.Struct(">16sQI")
 ACK_BODY = struct.Struct(">QIQ")
 NACK_BODY = struct.Struct(">QIQ")
-SUB_HEADER = struct.Struct(">BQ")
+SUB_HEADER = struct.Struct(">BQI")
+CREDIT_BODY = struct.Struct(">I")
 DELIVER_HEADER = struct.Struct(">QIQ16sQQ")
 PRODUCER_ID_BYTES = 16
 DUPLICATE = 2**64 - 1
@@ -103,8 +110,12 @@ def nack_frames(first_seq: int, count: int, code: bytes, reason: str, expected_s
     return [SIGNATURE, NACK, NACK_BODY.pack(first_seq, count, expected_seq), code, reason.encode()]
 
 
-def subscribe_frames(topic: bytes, start: int = FROM_LIVE, value: int = 0) -> list[bytes]:
-    return [SIGNATURE, SUBSCRIBE, topic, SUB_HEADER.pack(start, value)]
+def subscribe_frames(topic: bytes, start: int = FROM_LIVE, value: int = 0, credit: int = 100) -> list[bytes]:
+    return [SIGNATURE, SUBSCRIBE, topic, SUB_HEADER.pack(start, value, credit)]
+
+
+def credit_frames(topic: bytes, credit: int) -> list[bytes]:
+    return [SIGNATURE, CREDIT, topic, CREDIT_BODY.pack(credit)]
 
 
 def deliver_frames(topic: bytes, first_offset: int, count: int, missed: int, producer: bytes, first_seq: int, received_ns: int, body: bytes) -> list[bytes]:

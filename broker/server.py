@@ -28,7 +28,6 @@ log = logging.getLogger("broker")
 
 _BAD_FRAME_LOG_INTERVAL_S = 10.0
 _MAX_BATCH_FRAME = 256 << 20
-SUBSCRIBER_QUEUE = 1000  # batches queued for one subscriber before its new ones are dropped (counted)
 _REPLAY_RETRY_S = 0.01
 _BURST = 64  # frames handled (and made durable together) before the loop lets other tasks run  # larger frames are refused by ZeroMQ before they reach us
 
@@ -72,7 +71,7 @@ class Broker:
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, max(_MAX_BATCH_FRAME, cfg.max_message_bytes * 4))
         router.setsockopt(zmq.RCVHWM, 10_000)
-        router.setsockopt(zmq.SNDHWM, SUBSCRIBER_QUEUE)  # per peer: a subscriber's bounded queue
+        router.setsockopt(zmq.SNDHWM, 100_000)  # subscribers are bounded by their credit, not by this
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full or vanished peer is reported, not silently skipped
         address = f"tcp://{cfg.host}:{cfg.port or '*'}"
         try:
@@ -159,7 +158,10 @@ class Broker:
                 sent = ZMQ_AGAIN
             else:
                 sent = ZMQ_SENT
+        elif sub.credit <= 0:
+            sent = ZMQ_AGAIN
         else:
+            sub.credit -= 1
             sent = self._send(
                 sub.key,
                 p.deliver_frames(topic.name.encode(), span.first_offset, span.count, sub.missed, span.producer, span.first_seq, span.received_ns, span.body),
@@ -175,19 +177,27 @@ class Broker:
             self._unsubscribe(topic, sub.key)
         return False
 
-    def _subscribe(self, identity: bytes, topic_name: bytes, start: int, value: int) -> None:
+    def _subscribe(self, identity: bytes, topic_name: bytes, start: int, value: int, credit: int) -> None:
         topic = self._topic(topic_name)
         if topic is None or start > p.FROM_TIME:
             self._bad_frame("bad_subscribe")
             return
         self._unsubscribe(topic, identity)  # subscribing again replaces the subscription
-        sub = topic.subscribers[identity] = Subscriber(identity, "zmq")
+        sub = topic.subscribers[identity] = Subscriber(identity, "zmq", credit=min(credit, self.config.subscriber_queue), credit_granted=asyncio.Event())
         if start == p.FROM_LIVE:
             sub.live = True
             return
         from_offset = value if start == p.FROM_OFFSET else 0
         from_time = value if start == p.FROM_TIME else None
         self._replays[identity] = asyncio.create_task(self._replay(topic, sub, from_offset, from_time))
+
+    def _credit(self, identity: bytes, topic_name: bytes, credit: int) -> None:
+        topic = self._topic(topic_name)
+        sub = topic.subscribers.get(identity) if topic is not None else None
+        if sub is None:
+            return  # e.g. after a broker restart: the subscriber subscribes again when it hears nothing
+        sub.credit = min(sub.credit + credit, self.config.subscriber_queue)
+        sub.credit_granted.set()
 
     def _unsubscribe(self, topic: Topic, key: object) -> None:
         sub = topic.subscribers.pop(key, None)
@@ -225,9 +235,9 @@ class Broker:
         finally:
             self._replays.pop(sub.key, None)
 
-    def add_sse_subscriber(self, topic: Topic, queue_size: int = SUBSCRIBER_QUEUE) -> Subscriber:
+    def add_sse_subscriber(self, topic: Topic) -> Subscriber:
         key = f"sse-{next(self._sse_ids)}"
-        sub = topic.subscribers[key] = Subscriber(key, "sse", live=True, queue=asyncio.Queue(queue_size))
+        sub = topic.subscribers[key] = Subscriber(key, "sse", live=True, queue=asyncio.Queue(self.config.subscriber_queue))
         return sub
 
     def remove_subscriber(self, topic: Topic, sub: Subscriber) -> None:
@@ -244,6 +254,8 @@ class Broker:
             self._report(frames[3], frames[4], frames[5])
         elif command == p.SUBSCRIBE and len(frames) == 5 and len(frames[4]) == p.SUB_HEADER.size:
             self._subscribe(frames[0], frames[3], *p.SUB_HEADER.unpack(frames[4]))
+        elif command == p.CREDIT and len(frames) == 5 and len(frames[4]) == p.CREDIT_BODY.size:
+            self._credit(frames[0], frames[3], p.CREDIT_BODY.unpack(frames[4])[0])
         elif command == p.UNSUBSCRIBE and len(frames) == 4:
             topic = self._topic(frames[3])
             if topic is not None:

@@ -65,6 +65,8 @@ class Subscriber:
     dropped: int = 0  # messages lost because its queue was full
     missed: int = 0  # dropped since the last delivery (told to the subscriber with the next one)
     live: bool = False  # caught up: receives new batches as they are accepted
+    credit: int = 0  # zmq: DELIVERs it may still receive (credit-based flow control)
+    credit_granted: object = None  # zmq: asyncio.Event, set when credit arrives (a replay waits on it)
     queue: object = None  # sse: asyncio.Queue of (Span, missed)
 
     def stats(self) -> dict:

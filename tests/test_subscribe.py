@@ -1,0 +1,201 @@
+"""Subscribers: fan-out in order, a stalled one costs producers nothing, replay, SSE, tail."""
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import orjson
+import pytest
+import zmq
+from helpers import ROOT, Proc, get_json, start_broker, wait_until
+
+from broker import protocol as p
+from broker.client import BlockingSubscriber, Publisher, Subscriber
+
+
+@pytest.fixture
+def broker(procs, tmp_path, request):
+    args = getattr(request, "param", ())
+    proc, zmq_url, http = start_broker(*args)
+    procs.append(proc)
+    return proc, zmq_url, http
+
+
+async def publish(url: str, count: int, batch: int = 100, topic: str = "telemetry", pad: int = 0) -> Publisher:
+    pub = Publisher(url, topic)
+    await pub.start()
+    for first in range(0, count, batch):
+        n = min(batch, count - first)
+        await pub.publish(b"\n".join(orjson.dumps({"i": i, "pad": "x" * pad} if pad else {"i": i}) for i in range(first, first + n)), n)
+    assert await pub.flush(30)
+    await pub.close()
+    return pub
+
+
+async def collect(sub: Subscriber, count: int, timeout: float = 30) -> list[tuple[int, int]]:
+    got = []
+
+    async def run():
+        async for offset, message in sub:
+            got.append((offset, orjson.loads(message)["i"]))
+            if len(got) == count:
+                return
+
+    await asyncio.wait_for(run(), timeout)
+    return got
+
+
+def test_fan_out_to_several_subscribers_in_order(broker):
+    _, url, http = broker
+
+    async def scenario():
+        subs = [Subscriber(url, "telemetry") for _ in range(3)]
+        for sub in subs:
+            await sub.start()
+        await asyncio.sleep(0)
+        wait_until(lambda: len(get_json(f"{http}/stats/telemetry")[1]["subscribers"]) == 3, message="3 subscribers")
+        results = asyncio.gather(*(collect(sub, 5000) for sub in subs))
+        await publish(url, 5000)
+        received = await results
+        for sub in subs:
+            await sub.close()
+        return received
+
+    for received in asyncio.run(scenario()):
+        assert received == [(i, i) for i in range(5000)]
+    stats = get_json(f"{http}/stats/telemetry")[1]
+    assert sorted(s["delivered"] for s in stats["subscribers"].values())[-3:] == [5000] * 3 or all(
+        s["delivered"] == 5000 for s in stats["subscribers"].values()
+    )
+
+
+def test_a_stalled_subscriber_never_slows_producers_and_its_drops_are_counted(broker):
+    _, url, http = broker
+    ctx = zmq.Context()
+    stalled = ctx.socket(zmq.DEALER)  # subscribes, then never reads
+    stalled.setsockopt(zmq.RCVHWM, 10)
+    stalled.setsockopt(zmq.LINGER, 0)
+    stalled.connect(url)
+    stalled.send_multipart(p.subscribe_frames(b"telemetry", credit=10))  # and never grants more
+    wait_until(lambda: get_json(f"{http}/stats/telemetry")[1]["subscribers"], message="the subscriber")
+    started = time.monotonic()
+    pub = asyncio.run(publish(url, 200_000, batch=1000, pad=200))  # 40 MB: far past any socket buffer
+    elapsed = time.monotonic() - started
+    assert pub.published == 200_000 and pub.resends == 0  # every batch acknowledged on the first try
+    assert elapsed < 60
+    sub = next(iter(get_json(f"{http}/stats/telemetry")[1]["subscribers"].values()))
+    assert sub["dropped"] > 0 and sub["delivered"] + sub["dropped"] == 200_000
+    assert sub["delivered"] == 10 * 1000  # exactly its credit: the queue bound does not depend on buffers
+    # reading again and granting credit, it learns of every message it lost
+    frames = []
+    while stalled.poll(1000):
+        frames.append(stalled.recv_multipart())
+    stalled.send_multipart(p.credit_frames(b"telemetry", 10))
+    asyncio.run(publish(url, 1))
+    assert stalled.poll(10_000)
+    frames.append(stalled.recv_multipart())
+    headers = [p.DELIVER_HEADER.unpack(f[3]) for f in frames]
+    assert sum(missed for _, _, missed, *_ in headers) == sub["dropped"]
+    assert headers[-1][0] == 200_000  # the newest message, after the gap
+    offsets = [first for first, *_ in headers]
+    assert offsets == sorted(offsets)  # what it did receive is in order
+    stalled.close()
+    ctx.term()
+
+
+@pytest.mark.parametrize("broker", [(), ("--persistence", "--persistence-dir=PLACEHOLDER")], indirect=False, ids=["memory", "log"])
+def test_replay_from_offset_from_beginning_and_from_time(procs, tmp_path, broker):
+    args = [a.replace("PLACEHOLDER", str(tmp_path)) for a in broker]
+    proc, url, http = start_broker(*args)
+    procs.append(proc)
+    asyncio.run(publish(url, 3000))
+    middle = time.time_ns()
+    time.sleep(0.01)  # a clear gap in receive times between the two halves
+    asyncio.run(publish(url, 3000, topic="telemetry"))
+
+    async def replays():
+        from_offset = Subscriber(url, "telemetry", from_offset=2500)
+        await from_offset.start()
+        a = await collect(from_offset, 1000)
+        from_start = Subscriber(url, "telemetry", from_beginning=True)
+        await from_start.start()
+        b = await collect(from_start, 6000)
+        from_time = Subscriber(url, "telemetry", from_time_ns=middle)
+        await from_time.start()
+        c = await collect(from_time, 10)
+        for sub in (from_offset, from_start, from_time):
+            await sub.close()
+        return a, b, c
+
+    a, b, c = asyncio.run(replays())
+    assert [o for o, _ in a] == list(range(2500, 3500))
+    assert [o for o, _ in b] == list(range(6000))
+    assert c[0][0] == 3000  # the first message received after `middle`
+
+
+def test_sse_stream_through_a_real_http_client(broker):
+    _, url, http = broker
+    lines = []
+
+    def read_stream():
+        with urllib.request.urlopen(f"{http}/topics/telemetry/stream", timeout=30) as response:
+            assert response.headers["Content-Type"].startswith("text/event-stream")
+            for raw in response:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("data: "):
+                    lines.append(json.loads(line[6:]))
+                if len(lines) == 300:
+                    return
+
+    import threading
+
+    reader = threading.Thread(target=read_stream, daemon=True)
+    reader.start()
+    wait_until(lambda: get_json(f"{http}/stats/telemetry")[1]["subscribers"], message="the SSE subscriber")
+    asyncio.run(publish(url, 300, batch=30))
+    reader.join(30)
+    assert [m["i"] for m in lines] == list(range(300))
+    assert get_json(f"{http}/topics/nope/stream")[0] == 404
+
+
+def test_tail_in_a_pipe_with_meta_and_count(broker, tmp_path):
+    _, url, _ = broker
+    asyncio.run(publish(url, 50))
+    result = subprocess.run(
+        f"{sys.executable} -m broker tail --broker-url={url} --from-offset=10 --meta --count=5",
+        shell=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["offset"] for r in records] == [10, 11, 12, 13, 14]
+    assert [r["message"]["i"] for r in records] == [10, 11, 12, 13, 14]
+    assert all(len(r["producer"]) == 32 and r["received"].endswith("Z") for r in records)
+    piped = subprocess.run(
+        f"{sys.executable} -m broker tail --broker-url={url} --from-beginning | head -n 2", shell=True, cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert len(piped.stdout.splitlines()) == 2 and "Traceback" not in piped.stderr
+
+
+def test_tail_exits_cleanly_on_ctrl_c(broker):
+    _, url, _ = broker
+    tail = Proc("broker", "tail", f"--broker-url={url}")
+    time.sleep(0.5)  # let it subscribe; the signal is what is tested
+    tail.signal(signal.SIGINT)
+    assert tail.wait(timeout=15) == 0
+    assert "Traceback" not in tail.output
+
+
+def test_blocking_subscriber(broker):
+    _, url, _ = broker
+    asyncio.run(publish(url, 20))
+    with BlockingSubscriber(url, "telemetry", from_beginning=True) as sub:
+        got = [next(sub) for _ in range(20)]
+    assert [offset for offset, _ in got] == list(range(20))
