@@ -22,7 +22,7 @@ from . import console
 from .config import BrokerConfig
 from .log import read_records
 from .logs import FORMATS, LEVELS, setup_logging
-from .options import Timestamp, persistence_config, persistence_options
+from .options import Timestamp, consumer_options, persistence_config, persistence_options
 from .protocol import MAX_MESSAGE_BYTES, valid_topic
 
 log = logging.getLogger("broker")
@@ -45,17 +45,11 @@ def command():
 @option("--http-host", default=None, envvar=env("HTTP_HOST"), help="HTTP bind address [default: same as --host].")
 @option("--http-port", type=PORT, default=8080, envvar=env("HTTP_PORT"), help="HTTP port (0 = any free port).")
 @option("--max-message-bytes", type=click.IntRange(min=64), default=MAX_MESSAGE_BYTES, envvar=env("MAX_MESSAGE_BYTES"), help="Largest message accepted.")
-@option(
-    "--subscriber-queue",
-    type=click.IntRange(min=1),
-    default=100,
-    envvar=env("SUBSCRIBER_QUEUE"),
-    help="Batches queued per subscriber; beyond, its new batches are dropped and counted.",
-)
+@consumer_options("TELEMETRY_BROKER_")
 @persistence_options("TELEMETRY_BROKER_")
 @option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="info", envvar=env("LOG_LEVEL"))
 @option("--log-format", type=click.Choice(FORMATS), default="text", envvar=env("LOG_FORMAT"))
-def serve(host, port, http_host, http_port, max_message_bytes, subscriber_queue, log_level, log_format, **persistence):
+def serve(host, port, http_host, http_port, max_message_bytes, subscriber_queue, ack_timeout, max_deliveries, log_level, log_format, **persistence):
     """Serve producers over ZeroMQ and stats over HTTP until SIGINT/SIGTERM."""
     cfg = BrokerConfig(
         host=host,
@@ -64,6 +58,8 @@ def serve(host, port, http_host, http_port, max_message_bytes, subscriber_queue,
         http_port=http_port,
         max_message_bytes=max_message_bytes,
         subscriber_queue=subscriber_queue,
+        ack_timeout_s=ack_timeout or 30.0,
+        max_deliveries=max_deliveries,
         persistence=persistence_config(**persistence),
     )
     setup_logging(log_level, log_format, component="broker")
@@ -136,18 +132,26 @@ def dump(persistence_dir, topic, from_offset, meta):
 @click.option("--from-time", type=Timestamp(), help="Start at the first message received at or after this time (RFC 3339).")
 @click.option("--meta", is_flag=True, help="Wrap each message as `dump --meta` does.")
 @click.option("--count", type=click.IntRange(min=1), help="Exit after this many messages.")
-def tail(broker_url, topic, from_beginning, from_offset, from_time, meta, count):
+@click.option("--group", help="Consume as a member of this consumer group: each message printed is acknowledged.")
+def tail(broker_url, topic, from_beginning, from_offset, from_time, meta, count, group):
     """Print a topic's messages as JSON lines as they arrive (new ones only, unless told where to start)."""
     if sum(x is not None and x is not False for x in (from_beginning or None, from_offset, from_time)) > 1:
         raise click.UsageError("give at most one of --from-beginning, --from-offset, --from-time")
     if not valid_topic(topic):
         raise click.BadParameter(f"{topic!r} is not a valid topic name", param_hint="'--topic'")
+    if group is not None and (from_beginning or from_offset is not None or from_time is not None):
+        raise click.UsageError("a --group reads from its committed offset: --from-* do not apply")
+    if group is not None and not valid_topic(group):
+        raise click.BadParameter(f"{group!r}: use 1-128 of A-Z a-z 0-9 . _ -", param_hint="'--group'")
     setup_logging("warning", "text", component="tail")
     import uvloop
 
-    from .client import Subscriber
+    from .client import Consumer, Subscriber
 
-    subscriber = Subscriber(broker_url, topic, from_beginning=from_beginning, from_offset=from_offset, from_time_ns=from_time)
+    if group is not None:
+        subscriber = _GroupReader(Consumer(broker_url, topic, group))
+    else:
+        subscriber = Subscriber(broker_url, topic, from_beginning=from_beginning, from_offset=from_offset, from_time_ns=from_time)
     try:
         return uvloop.run(_tail(subscriber, meta, count))
     except BrokenPipeError:  # `| head` closed the pipe
@@ -197,6 +201,32 @@ async def _tail(subscriber, meta: bool, count: int | None) -> int:
     if subscriber.missed:
         log.warning("tail: missed %d messages (this reader fell behind)", subscriber.missed)
     return 0
+
+
+class _GroupReader:
+    """A group consumer with the Subscriber's reading interface, acknowledging what was printed."""
+
+    def __init__(self, consumer):
+        self.consumer = consumer
+        self.missed = 0
+        self.last_batch = (b"", 0, 0)
+        self._printed: list[int] = []
+
+    async def start(self) -> None:
+        await self.consumer.start()
+
+    async def batches(self):
+        async for message in self.consumer:
+            if self._printed:  # the previous one was written out: acknowledge it
+                await self.consumer.ack(*self._printed)
+            self.last_batch = (message.producer, message.seq, message.received_ns)
+            self._printed = [message.offset]
+            yield message.offset, [message.value]
+
+    async def close(self) -> None:
+        if self._printed:
+            await self.consumer.ack(*self._printed)
+        await self.consumer.close()
 
 
 def _rfc3339_ns(ns: int) -> bytes:

@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from collections import deque
+from typing import NamedTuple
 
 import orjson
 import zmq
@@ -325,6 +326,115 @@ class BlockingSubscriber:
 
     def close(self) -> None:
         self._loop.run_until_complete(self._sub.close())
+        self._loop.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Message(NamedTuple):
+    offset: int
+    value: bytes  # the message's JSON bytes
+    deliveries: int  # 1 the first time; more after an acknowledgment timed out
+    producer: bytes
+    seq: int
+    received_ns: int
+
+
+class Consumer:
+    """A member of a consumer group: acknowledged, at-least-once consumption.
+
+        consumer = Consumer("tcp://127.0.0.1:5555", "telemetry", "billing")
+        await consumer.start()
+        async for message in consumer:
+            handle(message.value)
+            await consumer.ack(message.offset)
+
+    The broker hands this consumer up to `credit` unacknowledged messages; one it does not
+    acknowledge within the broker's --ack-timeout is delivered again (perhaps to another member).
+    """
+
+    def __init__(self, url: str, topic: str, group: str, *, credit: int = 100, rejoin_s: float = 5.0, context: zmq.asyncio.Context | None = None):
+        if not p.valid_topic(topic) or not p.valid_topic(group):
+            raise ValueError(f"invalid topic or group name: {topic!r}, {group!r}")
+        self.url = url
+        self.topic = topic
+        self.group = group
+        self.credit = credit
+        self.rejoin_s = rejoin_s
+        self._names = (topic.encode(), group.encode())
+        self._ctx = context
+        self._own_ctx = context is None
+        self._sock: zmq.asyncio.Socket | None = None
+
+    async def start(self) -> None:
+        if self._ctx is None:
+            self._ctx = zmq.asyncio.Context()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 1000)  # acknowledgments still queued at close are sent
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.connect(self.url)
+        self._sock = sock
+        await sock.send_multipart(p.consume_frames(*self._names, self.credit))
+
+    async def __aiter__(self):
+        sock = self._sock
+        while True:
+            if not await sock.poll(self.rejoin_s * 1000):
+                await sock.send_multipart(p.consume_frames(*self._names, self.credit))  # idle: join again
+                continue
+            frames = await sock.recv_multipart()
+            if len(frames) == 6 and frames[0] == p.SIGNATURE and frames[1] == p.MESSAGE and len(frames[4]) == p.MSG_HEADER.size:
+                offset, deliveries, producer, seq, received = p.MSG_HEADER.unpack(frames[4])
+                yield Message(offset, frames[5], deliveries, producer, seq, received)
+
+    async def ack(self, *offsets: int) -> None:
+        if offsets:
+            await self._sock.send_multipart(p.group_ack_frames(*self._names, list(offsets)))
+
+    async def close(self) -> None:
+        if self._sock is not None:
+            try:
+                await self._sock.send_multipart([p.SIGNATURE, p.LEAVE, *self._names], flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            self._sock.close()
+            self._sock = None
+        if self._own_ctx and self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+
+class BlockingConsumer:
+    """Consumer for code without asyncio:
+
+    with BlockingConsumer(url, "telemetry", "billing") as consumer:
+        for message in consumer:
+            handle(message.value)
+            consumer.ack(message.offset)
+    """
+
+    def __init__(self, url: str, topic: str, group: str, **options):
+        self._loop = asyncio.new_event_loop()
+        self._consumer = Consumer(url, topic, group, **options)
+        self._loop.run_until_complete(self._consumer.start())
+        self._iter = self._consumer.__aiter__()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Message:
+        return self._loop.run_until_complete(self._iter.__anext__())
+
+    def ack(self, *offsets: int) -> None:
+        self._loop.run_until_complete(self._consumer.ack(*offsets))
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self._consumer.close())
         self._loop.close()
 
     def __enter__(self):

@@ -25,5 +25,7 @@ class BrokerConfig:
     http_port: int = 8080  # 0 picks a free one
     max_message_bytes: int = MAX_MESSAGE_BYTES
     subscriber_queue: int = 100  # batches queued per subscriber before its new ones are dropped
+    ack_timeout_s: float = 30.0  # a group's message not acknowledged this long is delivered again
+    max_deliveries: int = 3  # then it goes to <topic>.dlq
     topics: tuple[str, ...] = ("telemetry",)  # created at start, so their stats answer at once
     persistence: PersistenceConfig | None = None  # None: topics live in memory only

@@ -111,3 +111,38 @@ def persistence_config(persistence, persistence_dir, segment_bytes, fsync, fsync
         retention_bytes=retention_bytes,
         retention_age_s=retention_age,
     )
+
+
+def consumer_options(env_prefix: str):
+    """Options for the broker's consumers: subscriber queues, ack timeout, dead-lettering."""
+    option = functools.partial(click.option, show_envvar=True)
+    decorators = [
+        option(
+            "--subscriber-queue",
+            type=click.IntRange(min=1),
+            default=100,
+            envvar=env_prefix + "SUBSCRIBER_QUEUE",
+            help="Batches a subscriber may have queued; beyond, its new batches are dropped and counted.",
+        ),
+        option(
+            "--ack-timeout",
+            type=Duration(),
+            default="30s",
+            envvar=env_prefix + "ACK_TIMEOUT",
+            help="A group's message not acknowledged this long is delivered again.",
+        ),
+        option(
+            "--max-deliveries",
+            type=click.IntRange(min=1),
+            default=3,
+            envvar=env_prefix + "MAX_DELIVERIES",
+            help="Deliveries before a message goes to <topic>.dlq.",
+        ),
+    ]
+
+    def apply(func):
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+
+    return apply

@@ -27,6 +27,20 @@ Subscriber -> broker
                  holds at most the broker's --subscriber-queue credits.
     UNSUBSCRIBE  | "TLM1" | "X" | topic
 
+Consumer (of a group) -> broker
+
+    CONSUME      | "TLM1" | "G" | topic | group | credit (u32)
+                 join the group (or refresh): the broker may hand this consumer up to `credit`
+                 unacknowledged messages. Sent again when idle, so a broker restart is survived.
+    GROUP_ACK    | "TLM1" | "Y" | topic | group | offsets (u64 each, concatenated)
+    LEAVE        | "TLM1" | "L" | topic | group     what it held goes back to the group at once
+
+Broker -> consumer
+
+    MESSAGE  | "TLM1" | "M" | topic | group | MSG_HEADER | message
+             MSG_HEADER (44 B) = offset (u64) | deliveries (u32: 1 the first time) | producer id (16 B) |
+                                 seq (u64) | received (u64, ns since the epoch)
+
 Broker -> subscriber
 
     DELIVER  | "TLM1" | "D" | topic | DELIVER_HEADER | body
@@ -66,6 +80,10 @@ NACK = b"N"
 SUBSCRIBE = b"S"
 CREDIT = b"C"
 UNSUBSCRIBE = b"X"
+CONSUME = b"G"
+GROUP_ACK = b"Y"
+LEAVE = b"L"
+MESSAGE = b"M"
 DELIVER = b"D"
 
 FROM_LIVE, FROM_BEGINNING, FROM_OFFSET, FROM_TIME = range(4)
@@ -79,6 +97,8 @@ ACK_BODY = struct.Struct(">QIQ")
 NACK_BODY = struct.Struct(">QIQ")
 SUB_HEADER = struct.Struct(">BQI")
 CREDIT_BODY = struct.Struct(">I")
+MSG_HEADER = struct.Struct(">QI16sQQ")
+OFFSET = struct.Struct(">Q")
 DELIVER_HEADER = struct.Struct(">QIQ16sQQ")
 PRODUCER_ID_BYTES = 16
 DUPLICATE = 2**64 - 1
@@ -120,3 +140,15 @@ def credit_frames(topic: bytes, credit: int) -> list[bytes]:
 
 def deliver_frames(topic: bytes, first_offset: int, count: int, missed: int, producer: bytes, first_seq: int, received_ns: int, body: bytes) -> list[bytes]:
     return [SIGNATURE, DELIVER, topic, DELIVER_HEADER.pack(first_offset, count, missed, producer, first_seq, received_ns), body]
+
+
+def consume_frames(topic: bytes, group: bytes, credit: int) -> list[bytes]:
+    return [SIGNATURE, CONSUME, topic, group, CREDIT_BODY.pack(credit)]
+
+
+def group_ack_frames(topic: bytes, group: bytes, offsets: list[int]) -> list[bytes]:
+    return [SIGNATURE, GROUP_ACK, topic, group, struct.pack(f">{len(offsets)}Q", *offsets)]
+
+
+def message_frames(topic: bytes, group: bytes, offset: int, deliveries: int, producer: bytes, seq: int, received_ns: int, payload: bytes) -> list[bytes]:
+    return [SIGNATURE, MESSAGE, topic, group, MSG_HEADER.pack(offset, deliveries, producer, seq, received_ns), payload]

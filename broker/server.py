@@ -21,6 +21,7 @@ import zmq.asyncio
 
 from . import protocol as p
 from .config import BrokerConfig
+from .groups import Consumer, Delivery, Group, valid_group
 from .log import LogUnavailable, TopicLog
 from .topic import SequenceGap, Span, Subscriber, Topic
 
@@ -56,6 +57,8 @@ class Broker:
         self._replies: list[tuple[bytes, Topic | None, list[bytes]]] = []  # sent once the burst is durable
         self._fanout: list[tuple[Topic, Span]] = []  # delivered to live subscribers once the burst is durable
         self._replays: dict[bytes, asyncio.Task] = {}
+        self._dlq_producer = os.urandom(p.PRODUCER_ID_BYTES)  # the broker's own id for dead letters
+        self._dlq_seq = 0
         self._sse_ids = itertools.count(1)
 
     # -- start ---------------------------------------------------------------------------------
@@ -87,7 +90,7 @@ class Broker:
         except OSError as exc:
             await self.close()
             raise BrokerStartError(f"cannot listen for HTTP on {cfg.http_host}:{cfg.http_port}: {exc.strerror or exc}") from None
-        self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._sample_rates())]
+        self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._sample_rates()), asyncio.create_task(self._expire_deliveries())]
         if cfg.persistence is not None and cfg.persistence.fsync == "interval":
             self._tasks.append(asyncio.create_task(self._sync_periodically()))
         log.info(
@@ -142,9 +145,142 @@ class Broker:
         fanout, self._fanout = self._fanout, []
         for topic, span in fanout:
             if id(topic) not in failed:
-                for sub in list(topic.subscribers.values()):
-                    if sub.live:
-                        self._deliver(topic, sub, span)
+                self._fan_out(topic, span)
+
+    def _fan_out(self, topic: Topic, span: Span) -> None:
+        """A durable span reaches the topic's live subscribers and its groups."""
+        for sub in list(topic.subscribers.values()):
+            if sub.live:
+                self._deliver(topic, sub, span)
+        for group in topic.groups.values():
+            self._dispatch(topic, group)
+
+    # -- consumer groups -----------------------------------------------------------------------
+
+    def _group(self, topic_name: bytes, group_name: bytes, create: bool = True) -> tuple[Topic, Group] | None:
+        topic = self._topic(topic_name)
+        try:
+            name = group_name.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        if topic is None or not valid_group(name):
+            return None
+        group = topic.groups.get(name)
+        if group is None and create:
+            state_dir = os.path.join(topic.log.directory, "groups") if topic.log is not None else None
+            group = topic.groups[name] = Group.load(name, state_dir, topic.first_offset)
+            log.info("Broker: group %r of topic %r starts at offset %d", name, topic.name, group.committed)
+        return None if group is None else (topic, group)
+
+    def _consume(self, identity: bytes, topic_name: bytes, group_name: bytes, credit: int) -> None:
+        found = self._group(topic_name, group_name)
+        if found is None:
+            self._bad_frame("bad_consume")
+            return
+        topic, group = found
+        consumer = group.consumers.get(identity)
+        if consumer is None:
+            consumer = group.consumers[identity] = Consumer(identity, 0)
+        consumer.credit = max(1, min(credit, self.config.subscriber_queue * 100))
+        self._dispatch(topic, group)
+
+    def _group_ack(self, topic_name: bytes, group_name: bytes, offsets: bytes) -> None:
+        found = self._group(topic_name, group_name, create=False)
+        if found is None:
+            self._bad_frame("bad_group_ack")
+            return
+        topic, group = found
+        for (offset,) in p.OFFSET.iter_unpack(offsets):
+            group.acknowledge(offset)
+        group.save()
+        self._dispatch(topic, group)
+
+    def _dispatch(self, topic: Topic, group: Group) -> None:
+        """Hand out messages while a consumer has room: redeliveries first, then new ones."""
+        now = time.monotonic()
+        names = topic.name.encode(), group.name.encode()
+        while (consumer := group.next_consumer()) is not None:
+            if group.retry:
+                delivery = group.retry.popleft()
+            elif group.ahead or self._read_ahead(topic, group):
+                delivery = group.ahead.popleft()
+            else:
+                return
+            delivery.deliveries += 1
+            sent = self._send(
+                consumer.identity,
+                p.message_frames(*names, delivery.offset, delivery.deliveries, delivery.producer, delivery.seq, delivery.received_ns, delivery.payload),
+            )
+            if sent != ZMQ_SENT:
+                delivery.deliveries -= 1
+                group.retry.appendleft(delivery)
+                if sent == ZMQ_GONE:
+                    group.remove_consumer(consumer.identity)
+                    continue
+                return
+            delivery.consumer, delivery.deadline = consumer.identity, now + self.config.ack_timeout_s
+            group.inflight[delivery.offset] = delivery
+            consumer.holding += 1
+            group.delivered += 1
+            if delivery.deliveries > 1:
+                group.redelivered += 1
+
+    def _read_ahead(self, topic: Topic, group: Group) -> bool:
+        """Load the next span the group has not handed out yet; False if there is none."""
+        for span in topic.history(group.next_offset):
+            if span.first_offset > group.next_offset:  # retention removed what the group never read
+                if group.committed == group.next_offset and not group.inflight:
+                    group.committed = span.first_offset
+                group.next_offset = span.first_offset
+            for i, message in enumerate(span.body.split(p.SEPARATOR)):
+                group.ahead.append(Delivery(span.first_offset + i, message, span.producer, span.first_seq + i, span.received_ns))
+            group.next_offset = span.first_offset + span.count
+            return True
+        return False
+
+    async def _expire_deliveries(self) -> None:
+        """Messages not acknowledged in time go back to their group, or to the dead-letter topic."""
+        while True:
+            await asyncio.sleep(min(0.2, self.config.ack_timeout_s / 4))
+            now = time.monotonic()
+            for topic in list(self.topics.values()):
+                for group in list(topic.groups.values()):
+                    expired = [d for d in group.inflight.values() if d.deadline <= now]
+                    for delivery in expired:
+                        del group.inflight[delivery.offset]
+                        consumer = group.consumers.get(delivery.consumer)
+                        if consumer is not None:
+                            consumer.holding -= 1
+                        if delivery.deliveries >= self.config.max_deliveries:
+                            self._dead_letter(topic, group, delivery)
+                        else:
+                            group.retry.append(delivery)
+                    if expired:
+                        group.save()
+                        self._dispatch(topic, group)
+
+    def _dead_letter(self, topic: Topic, group: Group, delivery: Delivery) -> None:
+        reason = f"not acknowledged within {self.config.ack_timeout_s:g} s, {delivery.deliveries} deliveries"
+        head = orjson.dumps({"topic": topic.name, "group": group.name, "offset": delivery.offset, "deliveries": delivery.deliveries, "reason": reason})
+        body = head[:-1] + b',"message":' + delivery.payload + b"}"  # the original bytes, unchanged
+        dlq = self._topic(f"{topic.name}.dlq".encode()) if len(topic.name) <= 124 else None
+        try:
+            if dlq is None:
+                raise LogUnavailable("the topic name is too long for a .dlq topic")
+            span = dlq.append(self._dlq_producer, self._dlq_seq, 1, body)
+        except LogUnavailable as exc:
+            log.error("Broker: cannot dead-letter offset %d of %r (%s); it stays with group %r", delivery.offset, topic.name, exc, group.name)
+            group.retry.append(delivery)
+            return
+        self._dlq_seq += 1
+        group.dead_lettered += 1
+        group.done(delivery.offset)
+        if dlq.log is not None and dlq.log.fsync != "never":
+            try:
+                dlq.log.sync()
+            except LogUnavailable:
+                pass
+        self._fan_out(dlq, span)
 
     # -- subscribers ---------------------------------------------------------------------------
 
@@ -256,6 +392,15 @@ class Broker:
             self._subscribe(frames[0], frames[3], *p.SUB_HEADER.unpack(frames[4]))
         elif command == p.CREDIT and len(frames) == 5 and len(frames[4]) == p.CREDIT_BODY.size:
             self._credit(frames[0], frames[3], p.CREDIT_BODY.unpack(frames[4])[0])
+        elif command == p.CONSUME and len(frames) == 6 and len(frames[5]) == p.CREDIT_BODY.size:
+            self._consume(frames[0], frames[3], frames[4], p.CREDIT_BODY.unpack(frames[5])[0])
+        elif command == p.GROUP_ACK and len(frames) == 6 and len(frames[5]) % p.OFFSET.size == 0:
+            self._group_ack(frames[3], frames[4], frames[5])
+        elif command == p.LEAVE and len(frames) == 5:
+            found = self._group(frames[3], frames[4], create=False)
+            if found is not None:
+                found[1].remove_consumer(frames[0])
+                self._dispatch(*found)
         elif command == p.UNSUBSCRIBE and len(frames) == 4:
             topic = self._topic(frames[3])
             if topic is not None:
@@ -443,5 +588,7 @@ class Broker:
             self._ctx.term()
             self._ctx = None
         for topic in self.topics.values():
+            for group in topic.groups.values():
+                group.save(force=True)
             if topic.log is not None:
                 topic.log.close()

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from .groups import Group
 from .log import TopicLog, read_batches
 from .protocol import DUPLICATE, SEPARATOR
 
@@ -94,6 +95,7 @@ class Topic:
         self.recent: deque[Span] = deque()  # without persistence: the last MEMORY_WINDOW_BYTES accepted
         self.recent_bytes = 0
         self.subscribers: dict[object, Subscriber] = {}
+        self.groups: dict[str, Group] = {}
         self.created = time.monotonic()
         self._samples: deque[tuple[float, int]] = deque([(self.created, 0)])
         if log is not None:  # continue where the log ends, and keep recognising retries
@@ -145,6 +147,13 @@ class Topic:
         self.recent_bytes += len(span.body)
         while self.recent_bytes > MEMORY_WINDOW_BYTES and len(self.recent) > 1:
             self.recent_bytes -= len(self.recent.popleft().body)
+
+    @property
+    def first_offset(self) -> int:
+        """The oldest offset the topic still holds."""
+        if self.log is not None:
+            return self.log.first_offset
+        return self.recent[0].first_offset if self.recent else self.next_offset
 
     def history(self, from_offset: int, from_time_ns: int | None = None) -> Iterator[Span]:
         """What the topic still holds from `from_offset` (and `from_time_ns`), oldest first: the log
@@ -198,6 +207,7 @@ class Topic:
             "skipped": self.skipped(),
             "rejected": dict(self.rejected),
             "subscribers": {str(key): sub.stats() for key, sub in self.subscribers.items()},
+            "groups": {name: group.stats(self.next_offset) for name, group in self.groups.items()},
             "uptime_s": round(now - started, 3),
             **({"persistence": self.log.stats()} if self.log is not None else {}),
         }

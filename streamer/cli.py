@@ -16,7 +16,7 @@ import click
 from broker import console
 from broker.config import BrokerConfig
 from broker.logs import FORMATS, LEVELS, setup_logging
-from broker.options import persistence_config, persistence_options
+from broker.options import consumer_options, persistence_config, persistence_options
 from broker.protocol import valid_topic
 
 from .config import StreamerConfig, WorkerConfig
@@ -109,6 +109,7 @@ def _column_types(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
     envvar=env("BUFFER_MESSAGES"),
     help="Unacknowledged messages a worker holds before it pauses reading.",
 )
+@consumer_options(ENV_PREFIX)
 @persistence_options(ENV_PREFIX)
 @option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="info", envvar=env("LOG_LEVEL"))
 @option("--log-format", type=click.Choice(FORMATS), default="text", envvar=env("LOG_FORMAT"), help="text for people, json for log pipelines.")
@@ -126,6 +127,9 @@ def command(
     buffer_messages,
     log_level,
     log_format,
+    subscriber_queue,
+    ack_timeout,
+    max_deliveries,
     **persistence,
 ):
     """Stream a CSV file's rows as timestamped JSON messages into a topic, from N worker processes."""
@@ -161,6 +165,9 @@ def command(
             http_port=http_port,
             topics=(topic,),
             persistence=persistence_cfg,
+            subscriber_queue=subscriber_queue,
+            ack_timeout_s=ack_timeout or 30.0,
+            max_deliveries=max_deliveries,
         ),
     )
     setup_logging(log_level, log_format, component="streamer")

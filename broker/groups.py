@@ -1,0 +1,154 @@
+"""Consumer groups: acknowledged, at-least-once consumption of a topic, shared by the group's consumers.
+
+A group reads the topic from its committed offset: every offset below it is acknowledged. It
+hands each message to one consumer with credit (credit = how many unacknowledged messages that
+consumer may hold), round-robin, so consumers of one group share the work. A message not
+acknowledged within the ack timeout goes back to the group and is delivered again, up to the
+max deliveries; then it goes to the dead-letter topic `<topic>.dlq`, wrapped with the reason,
+and counts as done. The committed offset is kept in `<persistence-dir>/<topic>/groups/<group>`
+when persistence is on (written atomically, at most every COMMIT_INTERVAL_S and at close), so a
+group that comes back after a crash continues from it; messages delivered but not acknowledged
+then are delivered again (at-least-once).
+
+A new group starts at the oldest message the topic still holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import orjson
+
+log = logging.getLogger("broker.groups")
+
+GROUP_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+COMMIT_INTERVAL_S = 0.2
+
+
+def valid_group(name: str) -> bool:
+    return GROUP_PATTERN.fullmatch(name) is not None
+
+
+@dataclass(slots=True)
+class Delivery:
+    offset: int
+    payload: bytes
+    producer: bytes
+    seq: int
+    received_ns: int
+    deliveries: int = 0
+    consumer: bytes = b""
+    deadline: float = 0.0
+
+
+@dataclass(slots=True)
+class Consumer:
+    identity: bytes
+    credit: int  # unacknowledged messages it may hold
+    holding: int = 0
+
+
+@dataclass
+class Group:
+    name: str
+    committed: int  # every offset below is acknowledged
+    next_offset: int  # the first offset never handed out
+    state_path: str | None = None
+    consumers: dict[bytes, Consumer] = field(default_factory=dict)
+    inflight: dict[int, Delivery] = field(default_factory=dict)
+    retry: deque[Delivery] = field(default_factory=deque)  # timed out, waiting for a consumer
+    ahead: deque[Delivery] = field(default_factory=deque)  # read from the topic, not yet handed out
+    acked_above: set[int] = field(default_factory=set)  # acknowledged offsets above `committed`
+    delivered: int = 0
+    redelivered: int = 0
+    dead_lettered: int = 0
+    _rr: int = 0
+    _saved: int = -1
+    _saved_at: float = 0.0
+
+    @classmethod
+    def load(cls, name: str, state_dir: str | None, start: int) -> Group:
+        path = os.path.join(state_dir, name) if state_dir else None
+        committed = start
+        if path is not None:
+            try:
+                with open(path, "rb") as f:
+                    committed = max(start, int(orjson.loads(f.read())["committed"]))
+            except FileNotFoundError:
+                pass
+            except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
+                log.warning("Group %s: unreadable committed offset in %s; starting at %d", name, path, start)
+        return cls(name, committed, committed, path)
+
+    def next_consumer(self) -> Consumer | None:
+        """A consumer with room, round-robin."""
+        consumers = list(self.consumers.values())
+        for i in range(len(consumers)):
+            consumer = consumers[(self._rr + i) % len(consumers)]
+            if consumer.holding < consumer.credit:
+                self._rr = (self._rr + i + 1) % len(consumers)
+                return consumer
+        return None
+
+    def acknowledge(self, offset: int) -> Delivery | None:
+        delivery = self.inflight.pop(offset, None)
+        if delivery is None:
+            return None  # late (already redelivered elsewhere, or dead-lettered), or unknown
+        consumer = self.consumers.get(delivery.consumer)
+        if consumer is not None:
+            consumer.holding -= 1
+        self.done(offset)
+        return delivery
+
+    def done(self, offset: int) -> None:
+        """The message at `offset` needs no more delivery: advance the committed offset."""
+        if offset == self.committed:
+            self.committed += 1
+            while self.committed in self.acked_above:
+                self.acked_above.discard(self.committed)
+                self.committed += 1
+        elif offset > self.committed:
+            self.acked_above.add(offset)
+
+    def remove_consumer(self, identity: bytes) -> None:
+        """A consumer left: what it held goes back to the group at once."""
+        if self.consumers.pop(identity, None) is None:
+            return
+        for delivery in [d for d in self.inflight.values() if d.consumer == identity]:
+            del self.inflight[delivery.offset]
+            self.retry.append(delivery)
+
+    def save(self, force: bool = False) -> None:
+        if self.state_path is None or self.committed == self._saved:
+            return
+        now = time.monotonic()
+        if not force and now - self._saved_at < COMMIT_INTERVAL_S:
+            return
+        tmp = self.state_path + ".tmp"
+        try:
+            os.makedirs(os.path.dirname(self.state_path), exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(orjson.dumps({"committed": self.committed}))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.state_path)
+        except OSError as exc:
+            log.error("Group %s: cannot save its committed offset to %s: %s", self.name, self.state_path, exc.strerror or exc)
+            return
+        self._saved, self._saved_at = self.committed, now
+
+    def stats(self, topic_next_offset: int) -> dict:
+        return {
+            "committed": self.committed,
+            "lag": topic_next_offset - self.committed,
+            "in_flight": len(self.inflight),
+            "consumers": len(self.consumers),
+            "delivered": self.delivered,
+            "redelivered": self.redelivered,
+            "dead_lettered": self.dead_lettered,
+        }
