@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import orjson
-
-from broker.client import BlockingConsumer, Consumer, Subscriber
 from helpers import ROOT, get_json, start_broker
 from test_subscribe import publish
+
+from broker.client import BlockingConsumer, Consumer, Subscriber
 
 
 async def take(consumer: Consumer, count: int, timeout: float = 30, ack: bool = True) -> list:
@@ -153,7 +153,9 @@ def test_tail_with_a_group_acknowledges_what_it_printed(procs):
     procs.append(proc)
     asyncio.run(publish(url, 10))
     for expected in ([0, 1, 2, 3], [4, 5, 6, 7]):
-        result = subprocess.run([sys.executable, "-m", "broker", "tail", f"--broker-url={url}", "--group=audit", "--count=4"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            [sys.executable, "-m", "broker", "tail", f"--broker-url={url}", "--group=audit", "--count=4"], cwd=ROOT, capture_output=True, text=True, timeout=30
+        )
         assert result.returncode == 0, result.stderr
         assert [json.loads(line)["i"] for line in result.stdout.splitlines()] == expected
 
