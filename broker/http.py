@@ -4,6 +4,7 @@
     GET /stats/<topic>    one topic's stats; 404 with a JSON error if the topic is unknown
     GET /healthz          200 while the broker is serving; 503 while a topic's log cannot be written
     GET /readyz           200 while serving, 503 once a drain has begun
+    GET /metrics          Prometheus text format (broker.metrics)
     GET /topics/<topic>/stream   new messages as Server-Sent Events ("data: <json>" each); a
                           subscriber whose queue overflowed gets `event: missed` with the count
 
@@ -88,6 +89,12 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def _metrics(request: web.Request) -> web.Response:
+    from .metrics import CONTENT_TYPE
+
+    return web.Response(body=request.app[BROKER].metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
 def make_app(broker) -> web.Application:
     app = web.Application(middlewares=[_json_errors])
     app[BROKER] = broker
@@ -96,6 +103,7 @@ def make_app(broker) -> web.Application:
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/topics/{topic}/stream", _stream)
+    app.router.add_get("/metrics", _metrics)
     return app
 
 

@@ -23,6 +23,7 @@ from . import protocol as p
 from .config import BrokerConfig
 from .groups import Consumer, Delivery, Group, valid_group
 from .log import LogUnavailable, TopicLog
+from .metrics import Metrics
 from .topic import SequenceGap, Span, Subscriber, Topic
 
 log = logging.getLogger("broker")
@@ -55,10 +56,12 @@ class Broker:
         self._tasks: list[asyncio.Task] = []
         self._bad_frames_logged_at: dict[str, float] = {}
         self._replies: list[tuple[bytes, Topic | None, list[bytes]]] = []  # sent once the burst is durable
+        self._acked_in_burst = False
         self._fanout: list[tuple[Topic, Span]] = []  # delivered to live subscribers once the burst is durable
         self._replays: dict[bytes, asyncio.Task] = {}
         self._dlq_producer = os.urandom(p.PRODUCER_ID_BYTES)  # the broker's own id for dead letters
         self._dlq_seq = 0
+        self.metrics = Metrics(self)
         self._sse_ids = itertools.count(1)
 
     # -- start ---------------------------------------------------------------------------------
@@ -107,13 +110,18 @@ class Broker:
         """Handle frames in bursts: whatever is already queued (up to _BURST), then make the
         burst durable as the fsync policy asks (one fsync for the whole burst) and reply."""
         router = self._router
+        observe = self.metrics.burst_seconds.observe
         while True:
             self._handle_safely(await router.recv_multipart())
+            started = time.perf_counter()
             handled = 1
             while handled < _BURST and router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 self._handle_safely(await router.recv_multipart(zmq.NOBLOCK))
                 handled += 1
             self._commit()
+            if self._acked_in_burst:
+                observe(time.perf_counter() - started)
+                self._acked_in_burst = False
             # a recv that finds data waiting completes without yielding to the loop: yield once
             # per burst, or a backlog would starve HTTP and signal handling
             await asyncio.sleep(0)
@@ -134,7 +142,8 @@ class Broker:
         for topic in {id(t): t for _, t, _ in replies if t is not None and t.log is not None}.values():
             if topic.log.fsync == "always" and topic.log.dirty:
                 try:
-                    topic.log.sync()
+                    with self.metrics.fsync_seconds.time():
+                        topic.log.sync()
                 except LogUnavailable:
                     failed.add(id(topic))
         for identity, topic, frames in replies:
@@ -435,6 +444,7 @@ class Broker:
             reply = p.nack_frames(first_seq, count, p.NACK_UNAVAILABLE, f"log write failed: {exc}")
         else:
             reply = p.ack_frames(first_seq, count, span.first_offset)
+            self._acked_in_burst = True
             if span.count and topic.subscribers:
                 self._fanout.append((topic, span))
         self._replies.append((identity, topic, reply))
@@ -532,7 +542,8 @@ class Broker:
                 fd = os.dup(topic_log.active.fd)
                 topic_log.dirty = False
                 try:
-                    await loop.run_in_executor(None, os.fdatasync, fd)
+                    with self.metrics.fsync_seconds.time():
+                        await loop.run_in_executor(None, os.fdatasync, fd)
                     topic_log.last_fsync = time.monotonic()
                 except OSError as exc:
                     topic_log.dirty = True
