@@ -84,8 +84,13 @@ def _column_types(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
     help="Publish to a separate broker (tcp://HOST:PORT) instead of the embedded one.",
 )
 @option("--broker-port", type=PORT, default=5555, envvar=env("BROKER_PORT"), help="Embedded broker's ZeroMQ port on 127.0.0.1 (0 = any free port).")
-@option("--http-host", default="127.0.0.1", envvar=env("HTTP_HOST"), help="Embedded broker's HTTP address.")
-@option("--http-port", type=PORT, default=8080, envvar=env("HTTP_PORT"), help="Embedded broker's HTTP port (0 = any free port).")
+@option(
+    "--http-host",
+    default="127.0.0.1",
+    envvar=env("HTTP_HOST"),
+    help="HTTP address: the embedded broker's, or with --broker-url the streamer's own (/healthz, /readyz, /metrics).",
+)
+@option("--http-port", type=PORT, default=8080, envvar=env("HTTP_PORT"), help="HTTP port (0 = any free port).")
 @option(
     "--shutdown-timeout",
     type=click.FloatRange(min=0, max=3600),
@@ -156,6 +161,8 @@ def command(
             log_level=log_level.lower(),
             log_format=log_format,
         ),
+        http_host=http_host,
+        http_port=http_port,
         broker=None
         if broker_url
         else BrokerConfig(

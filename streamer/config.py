@@ -28,3 +28,5 @@ class StreamerConfig:
     workers: int
     worker: WorkerConfig  # broker_url is empty when the broker is embedded
     broker: BrokerConfig | None  # the embedded broker's config, None with --broker-url
+    http_host: str = "127.0.0.1"  # with --broker-url: the streamer's own /healthz, /readyz, /metrics
+    http_port: int = 8080

@@ -20,9 +20,9 @@ import signal
 import time
 from dataclasses import dataclass, field, replace
 
-from broker.server import Broker
+from broker.server import Broker, BrokerStartError
 
-from . import worker
+from . import health, worker
 from .config import StreamerConfig
 
 log = logging.getLogger("streamer")
@@ -47,9 +47,23 @@ class WorkerSlot:
     restarts: int = 0
     exited: asyncio.Event = field(default_factory=asyncio.Event)
 
+    sent_before: int = 0
+    skipped_before: dict = field(default_factory=dict)
+
     @property
     def published(self) -> int:
         return self.published_before + self.status.get("published", 0)
+
+    @property
+    def sent(self) -> int:
+        return self.sent_before + self.status.get("sent", 0)
+
+    @property
+    def skipped(self) -> dict:
+        total = dict(self.skipped_before)
+        for reason, count in self.status.get("skipped", {}).items():
+            total[reason] = total.get(reason, 0) + count
+        return total
 
     @property
     def unacked(self) -> int:
@@ -63,8 +77,10 @@ class Supervisor:
         self.slots = [WorkerSlot(i) for i in range(cfg.workers)]
         self.should_exit = asyncio.Event()
         self.force_exit = asyncio.Event()
-        self._draining = False
+        self.draining = False
         self._first_signal_at = 0.0
+        self.registry = health.new_registry(self)  # the workers' metrics
+        self._health = None  # the streamer's own HTTP, when the broker is not embedded
         self._mp = multiprocessing.get_context("spawn")
         self._worker_cfg = cfg.worker
 
@@ -96,6 +112,13 @@ class Supervisor:
             self.broker = Broker(cfg.broker)
             await self.broker.start()  # raises BrokerStartError before any worker exists
             self._worker_cfg = replace(cfg.worker, broker_url=self.broker.zmq_url)
+            self.broker.metrics.registry.register(health.WorkerCollector(self))  # one scrape: broker and workers
+        else:
+            try:
+                self._health, url = await health.start_health(self, cfg.http_host, cfg.http_port)
+            except OSError as exc:
+                raise BrokerStartError(f"cannot listen for HTTP on {cfg.http_host}:{cfg.http_port}: {exc.strerror or exc}") from None
+            log.info("Streamer HTTP %s (/healthz, /readyz, /metrics)", url)
         w = self._worker_cfg
         rate = f"{w.rate:g} messages/s per worker" if w.rate > 0 else "unthrottled"
         log.info("Starting %d workers, %s, topic %r, broker %s", cfg.workers, rate, w.topic, w.broker_url)
@@ -130,10 +153,12 @@ class Supervisor:
         loop.remove_reader(slot.conn.fileno())
         slot.conn.close()
         slot.exited.set()
-        if self._draining:
+        if self.draining:
             return
         slot.published_before += slot.status.get("published", 0)
         slot.unacked_before += slot.status.get("unacked", 0)
+        slot.sent_before += slot.status.get("sent", 0)
+        slot.skipped_before = slot.skipped
         slot.status = {}
         slot.restarts += 1
         delay = min(RESTART_MIN_S * 2 ** (slot.restarts - 1), RESTART_MAX_S)
@@ -141,12 +166,12 @@ class Supervisor:
         loop.call_later(delay, self._respawn, slot)
 
     def _respawn(self, slot: WorkerSlot) -> None:
-        if not self._draining:
+        if not self.draining:
             self._spawn(slot)
 
     async def _drain(self) -> bool:
         """Ask every worker to drain and wait for them; returns True if the exit was forced."""
-        self._draining = True
+        self.draining = True
         if self.broker is not None:
             self.broker.drain()
         live = [s for s in self.slots if s.process is not None and not s.exited.is_set()]
@@ -171,6 +196,8 @@ class Supervisor:
 
     async def _close(self, forced: bool) -> int:
         accepted = None
+        if self._health is not None:
+            await self._health.cleanup()
         if self.broker is not None:
             stats = self.broker.topic_stats(self._worker_cfg.topic)
             accepted = stats["messages"] if stats else 0

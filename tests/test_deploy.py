@@ -87,7 +87,7 @@ def test_manifests_validate_strictly_against_the_kubernetes_schemas(rendered, tm
     path.write_text(rendered)
     result = subprocess.run([shutil.which("kubernetes-validate"), "--strict", str(path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("passed") == 4
+    assert result.stdout.count("passed") == len(objects(rendered)) == 5
 
 
 def test_rendered_deployment_keeps_the_seed_settings(rendered):
@@ -122,7 +122,7 @@ def test_rendered_broker_is_persistent_probed_and_reachable(rendered):
     assert service["spec"]["selector"] == broker["spec"]["template"]["metadata"]["labels"] | service["spec"]["selector"]
 
 
-def test_every_pod_is_locked_down(rendered):
+def test_every_pod_is_probed_scraped_and_locked_down(rendered):
     for name, obj in objects(rendered).items():
         if obj["kind"] not in ("Deployment", "StatefulSet"):
             continue
@@ -130,6 +130,9 @@ def test_every_pod_is_locked_down(rendered):
         assert pod["automountServiceAccountToken"] is False, name
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", name
         for container in pod["containers"]:
+            assert container["livenessProbe"]["httpGet"]["path"] == "/healthz", name
+            assert container["readinessProbe"]["httpGet"]["path"] == "/readyz", name
+            assert obj["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true", name
             context = container["securityContext"]
             assert context["allowPrivilegeEscalation"] is False and context["readOnlyRootFilesystem"] is True, name
             assert context["capabilities"]["drop"] == ["ALL"], name
@@ -137,3 +140,24 @@ def test_every_pod_is_locked_down(rendered):
 
 def test_configmap_csv_is_the_sample():
     assert filecmp.cmp(os.path.join(ROOT, "deploy", "base", "gpu_metrics.csv"), os.path.join(ROOT, "data", "gpu_metrics.csv"), shallow=False)
+
+
+def test_grafana_dashboard_queries_only_metrics_the_programs_export(procs, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with open(os.path.join(ROOT, "deploy", "base", "grafana-dashboard.json")) as f:
+        dashboard = json.load(f)
+    wanted = {name for panel in dashboard["panels"] for target in panel["targets"] for name in re.findall(r"telemetry_[a-z_]+", target["expr"])}
+    assert len(dashboard["panels"]) >= 10
+    proc = Proc("streamer", "--csv=data/gpu_metrics.csv", "--rate=10", "--broker-port=0", "--http-port=0", "--persistence", f"--persistence-dir={tmp_path}")
+    procs.append(proc)
+    http = proc.wait_for_line(r"HTTP (http://\S+) ").group(1)
+    import urllib.request
+
+    with urllib.request.urlopen(f"{http}/metrics", timeout=5) as response:
+        families = list(text_string_to_metric_families(response.read().decode()))
+    exported = {f.name for f in families} | {s.name for f in families for s in f.samples}
+    missing = {name for name in wanted if name not in exported and re.sub(r"_(total|bucket|count|sum)$", "", name) not in exported}
+    assert not missing, missing  # (a counter with no samples yet exports its family name only)
+    proc.signal(signal.SIGTERM)
+    assert proc.wait() == 0

@@ -5,7 +5,7 @@ import json
 import signal
 import urllib.request
 
-from helpers import get_json, start_broker, start_streamer, wait_until
+from helpers import Proc, get_json, start_broker, start_streamer, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from test_subscribe import publish
 
@@ -59,3 +59,40 @@ def test_json_logs_are_one_object_per_line(procs, sample_csv):
     assert {e["component"] for e in entries} == {"streamer", "worker"}
     assert {e["worker"] for e in entries if e["component"] == "worker"} == {0, 1}
     assert "published=" in entries[-1]["message"]
+
+
+def test_readyz_fails_as_soon_as_a_drain_begins_while_healthz_holds_until_exit(procs, sample_csv):
+    import zmq
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)  # a broker that accepts and never acknowledges: the drain lasts
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        proc = Proc("streamer", f"--csv={sample_csv}", f"--broker-url=tcp://127.0.0.1:{port}", "--rate=50", "--shutdown-timeout=4", "--http-port=0")
+        procs.append(proc)
+        http = proc.wait_for_line(r"Streamer HTTP (http://\S+) ").group(1)
+        assert get_json(f"{http}/readyz")[0] == 200 and get_json(f"{http}/healthz")[0] == 200
+        assert router.poll(20_000)
+        proc.signal(signal.SIGTERM)
+        wait_until(lambda: get_json(f"{http}/readyz")[0] == 503, timeout=3, message="/readyz to fail at the drain's start")
+        assert get_json(f"{http}/healthz")[0] == 200  # still alive while draining
+        assert proc.popen.poll() is None
+        assert proc.wait(timeout=30) == 1  # messages left unacknowledged
+    finally:
+        router.close()
+        ctx.term()
+
+
+def test_one_scrape_shows_broker_and_workers(procs, tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_bytes(b"gpu_id,active\n0,true\n1\n2,false\n")
+    proc, http = start_streamer(str(path), "--workers=2", "--rate=100")
+    procs.append(proc)
+    wait_until(lambda: scrape(http).get(("telemetry_worker_rows_skipped_total", (("reason", "field_count"), ("worker", "1")))), message="worker metrics")
+    metrics = scrape(http)
+    assert metrics[("telemetry_messages_accepted_total", (("topic", "telemetry"),))] > 0
+    assert metrics[("telemetry_worker_restarts_total", (("worker", "0"),))] == 0
+    assert metrics[("telemetry_worker_published_total", (("worker", "0"),))] > 0
+    proc.signal(signal.SIGTERM)
+    assert proc.wait() == 0

@@ -53,7 +53,7 @@ def test_round_trip_stream_drain_dump(procs, sample_csv, tmp_path):
 def test_broker_killed_mid_stream_recovers_every_acknowledged_record(procs, sample_csv, tmp_path):
     broker, zmq_url, http = start_broker("--persistence", f"--persistence-dir={tmp_path}", "--fsync=always", "--segment-bytes=1MiB")
     procs.append(broker)
-    streamer = Proc("streamer", f"--csv={sample_csv}", f"--broker-url={zmq_url}", "--workers=2", "--rate=0", "--shutdown-timeout=2")
+    streamer = Proc("streamer", f"--csv={sample_csv}", f"--broker-url={zmq_url}", "--http-port=0", "--workers=2", "--rate=0", "--shutdown-timeout=2")
     procs.append(streamer)
     wait_until(lambda: get_json(f"{http}/stats/telemetry")[1]["messages"] >= 20_000, message="20,000 messages")
     broker.popen.send_signal(signal.SIGKILL)
@@ -82,7 +82,7 @@ def test_disk_full_stops_acknowledgments_then_writing_resumes(procs, sample_csv,
     procs.append(broker)
     match = broker.wait_for_line(r"ZeroMQ (\S+), HTTP (http://\S+) ")
     zmq_url, http = match.group(1).rstrip(","), match.group(2)
-    streamer = Proc("streamer", f"--csv={sample_csv}", f"--broker-url={zmq_url}", "--rate=0", "--shutdown-timeout=30")
+    streamer = Proc("streamer", f"--csv={sample_csv}", f"--broker-url={zmq_url}", "--http-port=0", "--rate=0", "--shutdown-timeout=30")
     procs.append(streamer)
     wait_until(lambda: get_json(f"{http}/healthz")[0] == 503, timeout=60, message="/healthz to report the write error")
     status, body = get_json(f"{http}/healthz")

@@ -79,7 +79,7 @@ def test_bad_rows_are_counted_in_stats_and_the_stream_goes_on(procs, tmp_path):
 def test_external_broker(procs, sample_csv):
     broker, zmq_url, http = start_broker()
     procs.append(broker)
-    streamer = Proc("streamer", f"--csv={sample_csv}", f"--broker-url={zmq_url}", "--workers=2", "--rate=100")
+    streamer = Proc("streamer", f"--csv={sample_csv}", f"--broker-url={zmq_url}", "--http-port=0", "--workers=2", "--rate=100")
     procs.append(streamer)
     wait_until(lambda: stats(http)["messages"] >= 50, message="50 messages at the external broker")
     streamer.signal(signal.SIGTERM)
@@ -99,7 +99,7 @@ def test_messages_on_the_wire(procs, sample_csv):
     router.setsockopt(zmq.LINGER, 0)
     port = router.bind_to_random_port("tcp://127.0.0.1")
     try:
-        streamer = Proc("streamer", f"--csv={sample_csv}", f"--broker-url=tcp://127.0.0.1:{port}", "--rate=50", "--column-type=active=bool")
+        streamer = Proc("streamer", f"--csv={sample_csv}", f"--broker-url=tcp://127.0.0.1:{port}", "--http-port=0", "--rate=50", "--column-type=active=bool")
         procs.append(streamer)
         assert router.poll(20_000), streamer.output
         identity, signature, command, topic, header, body = router.recv_multipart()
@@ -130,7 +130,7 @@ def test_hung_broker_does_not_hang_the_drain_and_a_second_signal_forces(procs, s
     router.setsockopt(zmq.LINGER, 0)
     port = router.bind_to_random_port("tcp://127.0.0.1")
     try:
-        proc = Proc("streamer", f"--csv={sample_csv}", f"--broker-url=tcp://127.0.0.1:{port}", "--rate=50", "--shutdown-timeout=1")
+        proc = Proc("streamer", f"--csv={sample_csv}", f"--broker-url=tcp://127.0.0.1:{port}", "--http-port=0", "--rate=50", "--shutdown-timeout=1")
         procs.append(proc)
         assert router.poll(20_000)
         proc.signal(signal.SIGTERM)
@@ -138,7 +138,7 @@ def test_hung_broker_does_not_hang_the_drain_and_a_second_signal_forces(procs, s
         assert summary(proc.output)["unacknowledged"] > 0
         assert "shutdown timeout" in proc.output
 
-        proc = Proc("streamer", f"--csv={sample_csv}", f"--broker-url=tcp://127.0.0.1:{port}", "--rate=50", "--shutdown-timeout=60")
+        proc = Proc("streamer", f"--csv={sample_csv}", f"--broker-url=tcp://127.0.0.1:{port}", "--http-port=0", "--rate=50", "--shutdown-timeout=60")
         procs.append(proc)
         proc.wait_for_line("Worker 0 started")
         proc.signal(signal.SIGTERM)

@@ -1,0 +1,82 @@
+"""The streamer's own HTTP when it publishes to a separate broker (--broker-url): health and the
+workers' metrics. (With the embedded broker, its HTTP serves these, with the broker's.)
+
+    GET /healthz   200 while the streamer runs (also while it drains)
+    GET /readyz    200 while streaming, 503 from the moment a drain begins
+    GET /metrics   the workers' counters, Prometheus text format
+"""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+SUPERVISOR = web.AppKey("supervisor", object)
+
+
+class WorkerCollector:
+    """The workers' counters as the supervisor knows them (each worker reports once a second)."""
+
+    def __init__(self, supervisor):
+        self.supervisor = supervisor
+
+    def collect(self):
+        sent = CounterMetricFamily("telemetry_worker_sent", "Messages a worker sent", labels=["worker"])
+        published = CounterMetricFamily("telemetry_worker_published", "Messages the broker acknowledged to a worker", labels=["worker"])
+        unacked = GaugeMetricFamily("telemetry_worker_unacknowledged", "Messages a worker holds unacknowledged", labels=["worker"])
+        restarts = CounterMetricFamily("telemetry_worker_restarts", "Times a worker process was restarted", labels=["worker"])
+        skipped = CounterMetricFamily("telemetry_worker_rows_skipped", "CSV rows a worker skipped, by reason", labels=["worker", "reason"])
+        for slot in self.supervisor.slots:
+            label = [str(slot.index)]
+            sent.add_metric(label, slot.sent)
+            published.add_metric(label, slot.published)
+            unacked.add_metric(label, slot.status.get("unacked", 0))
+            restarts.add_metric(label, slot.restarts)
+            for reason, count in slot.skipped.items():
+                skipped.add_metric([*label, reason], count)
+        yield from (sent, published, unacked, restarts, skipped)
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    if request.app[SUPERVISOR].draining:
+        return _json({"status": "draining"}, status=503)
+    return _json({"status": "ready"})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(request.app[SUPERVISOR].registry), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def start_health(supervisor, host: str, port: int) -> tuple[web.AppRunner, str]:
+    app = web.Application()
+    app[SUPERVISOR] = supervisor
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    bound_host, bound_port = runner.addresses[0][:2]
+    return runner, f"http://{bound_host}:{bound_port}"
+
+
+def new_registry(supervisor) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(WorkerCollector(supervisor))
+    return registry
