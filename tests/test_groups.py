@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import orjson
-from helpers import ROOT, get_json, start_broker
+from helpers import ROOT, get_json, start_broker, wait_until
 from test_subscribe import publish
 
 from broker.client import BlockingConsumer, Consumer, Subscriber
@@ -104,6 +104,7 @@ def test_group_resumes_from_its_committed_offset_after_a_broker_restart(procs, t
 
     first = asyncio.run(consume(url, 40))
     assert [m.offset for m in first] == list(range(40))
+    wait_until(lambda: get_json(f"{http}/stats/telemetry")[1]["groups"]["billing"]["committed"] == 40, message="the last acknowledgments")
     proc.signal(signal.SIGTERM)
     assert proc.wait() == 0
     assert (tmp_path / "telemetry" / "groups" / "billing").exists()

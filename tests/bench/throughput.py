@@ -4,7 +4,7 @@
 
 Starts telemetry-streamer on free ports with the given options, waits `--warmup` seconds,
 reads /stats/telemetry twice `--window` seconds apart, sends SIGTERM and checks the drain
-(published == broker_accepted). Not part of the default test run.
+(published == broker_accepted). Not part of the default test run; tests/bench/run.py uses it.
 """
 
 from __future__ import annotations
@@ -19,41 +19,59 @@ import time
 import urllib.request
 
 
+def start(streamer_args: list[str]) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "streamer", "--broker-port=0", "--http-port=0", *streamer_args], stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if match := re.search(r"HTTP (http://\S+) ", line):
+            return proc, match.group(1)
+    raise SystemExit(f"the streamer did not start: exit {proc.wait()}")
+
+
+def stats(http: str) -> dict:
+    with urllib.request.urlopen(http + "/stats/telemetry", timeout=10) as response:
+        return json.load(response)
+
+
+def stop(proc: subprocess.Popen) -> tuple[int, bool, str]:
+    """SIGTERM, wait; returns (exit code, lossless drain, summary line)."""
+    proc.send_signal(signal.SIGTERM)
+    log = proc.stderr.read()
+    code = proc.wait()
+    drained = [line for line in log.splitlines() if "Drained:" in line or "Forced exit:" in line]
+    figures = dict(re.findall(r"\b(published|broker_accepted)=(\d+)", drained[-1])) if drained else {}
+    lossless = bool(figures) and figures["published"] == figures.get("broker_accepted")
+    return code, lossless, drained[-1].split("INFO")[-1].strip() if drained else "no summary"
+
+
+def measure(streamer_args: list[str], warmup: float = 3.0, window: float = 10.0) -> dict:
+    proc, http = start(streamer_args)
+    try:
+        time.sleep(warmup)
+        first, started = stats(http), time.monotonic()
+        time.sleep(window)
+        second, elapsed = stats(http), time.monotonic() - started
+    finally:
+        code, lossless, summary = stop(proc)
+    return {
+        "msg_s": (second["messages"] - first["messages"]) / elapsed,
+        "mb_s": (second["bytes"] - first["bytes"]) / 1e6 / elapsed,
+        "exit": code,
+        "lossless": lossless,
+        "summary": summary,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--window", type=float, default=10.0)
     ours, streamer_args = parser.parse_known_args()
-    proc = subprocess.Popen([sys.executable, "-m", "streamer", "--broker-port=0", "--http-port=0", *streamer_args], stderr=subprocess.PIPE, text=True)
-    http = None
-    for line in proc.stderr:
-        if match := re.search(r"HTTP (http://\S+) ", line):
-            http = match.group(1)
-            break
-    if http is None:
-        sys.exit(f"the streamer did not start: exit {proc.wait()}")
-
-    def stats() -> dict:
-        with urllib.request.urlopen(http + "/stats/telemetry", timeout=10) as response:
-            return json.load(response)
-
-    time.sleep(ours.warmup)
-    first, started = stats(), time.monotonic()
-    time.sleep(ours.window)
-    second, elapsed = stats(), time.monotonic() - started
-    proc.send_signal(signal.SIGTERM)
-    log = proc.stderr.read()
-    code = proc.wait()
-    messages = second["messages"] - first["messages"]
-    megabytes = (second["bytes"] - first["bytes"]) / 1e6
-    drained = [line for line in log.splitlines() if "Drained:" in line or "Forced exit:" in line]
-    figures = dict(re.findall(r"\b(published|broker_accepted)=(\d+)", drained[-1])) if drained else {}
-    lossless = bool(figures) and figures["published"] == figures.get("broker_accepted")
+    result = measure(streamer_args, ours.warmup, ours.window)
     print(
-        f"{' '.join(streamer_args)}: {messages / elapsed:,.0f} msg/s, {megabytes / elapsed:,.1f} MB/s over {elapsed:.1f} s; "
-        f"exit {code}; drain {'lossless' if lossless else 'NOT lossless'}: {drained[-1].split('INFO')[-1].strip() if drained else 'no summary'}"
+        f"{' '.join(streamer_args)}: {result['msg_s']:,.0f} msg/s, {result['mb_s']:,.1f} MB/s; exit {result['exit']}; "
+        f"drain {'lossless' if result['lossless'] else 'NOT lossless'}: {result['summary']}"
     )
-    sys.exit(0 if code == 0 and lossless else 1)
+    sys.exit(0 if result["exit"] == 0 and result["lossless"] else 1)
 
 
 if __name__ == "__main__":
