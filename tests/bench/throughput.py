@@ -19,11 +19,12 @@ import time
 import urllib.request
 
 
-def start(streamer_args: list[str]) -> tuple[subprocess.Popen, str]:
+def start(streamer_args: list[str]) -> tuple[subprocess.Popen, str, str]:
+    """The streamer with its embedded broker on free ports: (process, HTTP URL, ZeroMQ URL)."""
     proc = subprocess.Popen([sys.executable, "-m", "streamer", "--broker-port=0", "--http-port=0", *streamer_args], stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
-        if match := re.search(r"HTTP (http://\S+) ", line):
-            return proc, match.group(1)
+        if match := re.search(r"ZeroMQ (\S+), HTTP (http://\S+) ", line):
+            return proc, match.group(2), match.group(1)
     raise SystemExit(f"the streamer did not start: exit {proc.wait()}")
 
 
@@ -44,7 +45,7 @@ def stop(proc: subprocess.Popen) -> tuple[int, bool, str]:
 
 
 def measure(streamer_args: list[str], warmup: float = 3.0, window: float = 10.0) -> dict:
-    proc, http = start(streamer_args)
+    proc, http, _ = start(streamer_args)
     try:
         time.sleep(warmup)
         first, started = stats(http), time.monotonic()
