@@ -31,6 +31,7 @@ from . import protocol as p
 log = logging.getLogger("broker.client")
 
 DEFAULT_WINDOW = 100_000  # unacknowledged messages a publisher holds before it waits
+DEFAULT_WINDOW_BYTES = 16 << 20  # and unacknowledged bytes: a bound on memory whatever the message size
 ACK_TIMEOUT_S = 2.0  # resend what is unacknowledged after this long
 MAX_RESEND_INTERVAL_S = 30.0
 
@@ -52,6 +53,7 @@ class Publisher:
         topic: str,
         *,
         window: int = DEFAULT_WINDOW,
+        window_bytes: int = DEFAULT_WINDOW_BYTES,
         ack_timeout: float = ACK_TIMEOUT_S,
         context: zmq.asyncio.Context | None = None,
     ):
@@ -60,6 +62,7 @@ class Publisher:
         self.url = url
         self.topic = topic
         self.window = window
+        self.window_bytes = window_bytes
         self.ack_timeout = ack_timeout
         self.producer_id = os.urandom(p.PRODUCER_ID_BYTES)
         self.published = 0  # messages the broker acknowledged
@@ -69,6 +72,7 @@ class Publisher:
         self._next_seq = 0
         self._inflight: deque[_Batch] = deque()
         self._inflight_messages = 0
+        self._inflight_bytes = 0
         self._changed = asyncio.Event()  # set whenever acknowledgments free room
         self._ctx = context
         self._own_ctx = context is None
@@ -98,13 +102,14 @@ class Publisher:
 
     async def publish(self, body: bytes, count: int) -> None:
         """Send `count` newline-joined messages as one batch; waits while the window is full."""
-        while self._inflight and self._inflight_messages + count > self.window:
+        while self._inflight and (self._inflight_messages + count > self.window or self._inflight_bytes + len(body) > self.window_bytes):
             self._changed.clear()
             await self._changed.wait()
         batch = _Batch(self._next_seq, count, body, time.monotonic())
         self._next_seq += count
         self._inflight.append(batch)
         self._inflight_messages += count
+        self._inflight_bytes += len(body)
         await self._sock.send_multipart(p.publish_frames(self._topic, self.producer_id, batch.first_seq, count, body), copy=False)
 
     async def report(self, counters: dict) -> None:
@@ -131,7 +136,9 @@ class Publisher:
         inflight = self._inflight
         freed = 0
         while inflight and inflight[0].first_seq + inflight[0].count <= end_seq:
-            freed += inflight.popleft().count
+            batch = inflight.popleft()
+            freed += batch.count
+            self._inflight_bytes -= len(batch.body)
         if freed:
             self.published += freed
             self._inflight_messages -= freed
@@ -151,6 +158,7 @@ class Publisher:
             for batch in dropped:
                 self._inflight.remove(batch)
                 self._inflight_messages -= batch.count
+                self._inflight_bytes -= len(batch.body)
                 self.rejected += batch.count
             log.error("Broker refused %d messages as invalid (%s); they are not resent", count, reason)
             self._changed.set()

@@ -21,6 +21,7 @@ class BrokerCollector:
         accepted = CounterMetricFamily("telemetry_messages_accepted", "Messages accepted per topic", labels=["topic"])
         accepted_bytes = CounterMetricFamily("telemetry_bytes_accepted", "Message bytes accepted per topic", labels=["topic"])
         duplicates = CounterMetricFamily("telemetry_duplicates", "Messages received again and not stored twice", labels=["topic"])
+        acks = CounterMetricFamily("telemetry_acknowledgments", "Batch acknowledgments sent to producers", labels=["topic"])
         skipped = GaugeMetricFamily("telemetry_rows_skipped", "CSV rows the producers skipped, by reason (latest reports)", labels=["topic", "reason"])
         sub_dropped = CounterMetricFamily("telemetry_subscriber_dropped", "Messages dropped for slow subscribers", labels=["topic"])
         lag = GaugeMetricFamily("telemetry_group_lag", "Messages not yet acknowledged by a consumer group", labels=["topic", "group"])
@@ -32,6 +33,7 @@ class BrokerCollector:
             accepted.add_metric([topic.name], topic.messages)
             accepted_bytes.add_metric([topic.name], topic.bytes)
             duplicates.add_metric([topic.name], topic.duplicates)
+            acks.add_metric([topic.name], topic.acks)
             for reason, count in topic.skipped().items():
                 skipped.add_metric([topic.name, reason], count)
             sub_dropped.add_metric([topic.name], sum(s.dropped for s in topic.subscribers.values()))
@@ -46,7 +48,7 @@ class BrokerCollector:
         bad = CounterMetricFamily("telemetry_bad_frames", "Frames ignored because they are not the protocol", labels=["reason"])
         for reason, count in self.broker.bad_frames.items():
             bad.add_metric([reason], count)
-        yield from (accepted, accepted_bytes, duplicates, skipped, sub_dropped, lag, dead, log_bytes, log_segments, dropped, bad)
+        yield from (accepted, accepted_bytes, duplicates, acks, skipped, sub_dropped, lag, dead, log_bytes, log_segments, dropped, bad)
 
 
 class Metrics:

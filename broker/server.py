@@ -147,9 +147,12 @@ class Broker:
                 except LogUnavailable:
                     failed.add(id(topic))
         for identity, topic, frames in replies:
-            if topic is not None and id(topic) in failed and frames[1] == p.ACK:
-                first_seq, count, _ = p.ACK_BODY.unpack(frames[2])
-                frames = p.nack_frames(first_seq, count, p.NACK_UNAVAILABLE, f"log fsync failed: {topic.log.error}")
+            if topic is not None and frames[1] == p.ACK:
+                if id(topic) in failed:
+                    first_seq, count, _ = p.ACK_BODY.unpack(frames[2])
+                    frames = p.nack_frames(first_seq, count, p.NACK_UNAVAILABLE, f"log fsync failed: {topic.log.error}")
+                else:
+                    topic.acks += 1
             self._send(identity, frames)
         fanout, self._fanout = self._fanout, []
         for topic, span in fanout:

@@ -90,6 +90,7 @@ class Topic:
         self.messages = 0
         self.bytes = 0
         self.duplicates = 0
+        self.acks = 0  # acknowledgments sent (one per accepted or duplicate batch)
         self.producers: dict[bytes, Producer] = {}
         self.rejected: Counter = Counter()  # invalid batches, by reason
         self.recent: deque[Span] = deque()  # without persistence: the last MEMORY_WINDOW_BYTES accepted
@@ -193,6 +194,7 @@ class Topic:
             "rate": round(self.rate(now), 3),
             "next_offset": self.next_offset,
             "duplicates": self.duplicates,
+            "acknowledgments": self.acks,
             "producers": {
                 pid.hex(): {
                     "name": p.report.get("name", ""),

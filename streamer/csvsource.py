@@ -32,7 +32,7 @@ from .infer import BadValue, converters_for
 log = logging.getLogger("streamer.csv")
 
 MAX_FIELD_CHARS = 1 << 20  # a field longer than this (1 MiB) makes its row unusable
-CACHE_BYTES = 32 << 20  # encoded rows kept per worker between passes
+CACHE_BYTES = 16 << 20  # encoded rows kept per worker between passes
 _ROW_OVERHEAD = 48  # what one cached bytes object costs beyond its length (object + list slot)
 _LOGGED_SKIPS_PER_PASS = 10
 

@@ -331,7 +331,7 @@ def main() -> None:
     if not args.quick:
         big = os.path.join(work, "big.csv")
         subprocess.run(
-            [sys.executable, os.path.join(ROOT, "data", "generate.py"), "--dcgm", "--rows", "2600000", "--out", big], check=True, capture_output=True
+            [sys.executable, os.path.join(ROOT, "data", "generate.py"), "--dcgm", "--rows", "3000000", "--out", big], check=True, capture_output=True
         )
         memories.append((f"generated DCGM CSV, {os.path.getsize(big) / 1e9:.2f} GB", memory(big, 30.0)))
     table(
