@@ -36,6 +36,17 @@ ACK_TIMEOUT_S = 2.0  # resend what is unacknowledged after this long
 MAX_RESEND_INTERVAL_S = 30.0
 
 
+def _dealer(context: zmq.asyncio.Context, url: str, **options: int) -> zmq.asyncio.Socket:
+    """A DEALER connected to the broker, reconnecting quickly after an outage."""
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+    for name, value in options.items():
+        sock.setsockopt(getattr(zmq, name), value)
+    sock.connect(url)
+    return sock
+
+
 class _Batch:
     __slots__ = ("first_seq", "count", "body", "sent_at")
 
@@ -88,14 +99,7 @@ class Publisher:
     async def start(self) -> None:
         if self._ctx is None:
             self._ctx = zmq.asyncio.Context()
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 1000)
-        sock.setsockopt(zmq.RCVHWM, 10_000)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        sock.connect(self.url)
-        self._sock = sock
+        self._sock = _dealer(self._ctx, self.url, LINGER=0, SNDHWM=1000, RCVHWM=10_000)
         self._tasks = [asyncio.create_task(self._receive_acks()), asyncio.create_task(self._resend_overdue())]
 
     # -- the hot path --------------------------------------------------------------------------
@@ -256,13 +260,7 @@ class Subscriber:
     async def start(self) -> None:
         if self._ctx is None:
             self._ctx = zmq.asyncio.Context()
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, 1000)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        sock.connect(self.url)
-        self._sock = sock
+        self._sock = _dealer(self._ctx, self.url, LINGER=0, RCVHWM=1000)
         await self._subscribe()
 
     async def _subscribe(self) -> None:
@@ -381,12 +379,7 @@ class Consumer:
     async def start(self) -> None:
         if self._ctx is None:
             self._ctx = zmq.asyncio.Context()
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 1000)  # acknowledgments still queued at close are sent
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        sock.connect(self.url)
-        self._sock = sock
+        sock = self._sock = _dealer(self._ctx, self.url, LINGER=1000)  # acknowledgments queued at close still go
         await sock.send_multipart(p.consume_frames(*self._names, self.credit))
 
     async def __aiter__(self):

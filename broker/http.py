@@ -24,7 +24,7 @@ log = logging.getLogger("broker.http")
 BROKER = web.AppKey("broker", object)
 
 
-def _json(data: object, status: int = 200) -> web.Response:
+def json_response(data: object, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
@@ -35,36 +35,36 @@ async def _json_errors(request: web.Request, handler):
     except web.HTTPException as exc:
         if exc.content_type == "application/json":
             raise
-        return _json({"error": exc.reason, "path": request.path}, status=exc.status)
+        return json_response({"error": exc.reason, "path": request.path}, status=exc.status)
     except Exception:
         log.exception("HTTP: error while answering %s %s", request.method, request.path)
-        return _json({"error": "internal error"}, status=500)
+        return json_response({"error": "internal error"}, status=500)
 
 
 async def _all_stats(request: web.Request) -> web.Response:
-    return _json(request.app[BROKER].stats())
+    return json_response(request.app[BROKER].stats())
 
 
 async def _topic_stats(request: web.Request) -> web.Response:
     name = request.match_info["topic"]
     stats = request.app[BROKER].topic_stats(name)
     if stats is None:
-        return _json({"error": f"unknown topic {name!r}"}, status=404)
-    return _json(stats)
+        return json_response({"error": f"unknown topic {name!r}"}, status=404)
+    return json_response(stats)
 
 
 async def _healthz(request: web.Request) -> web.Response:
     broker = request.app[BROKER]
     if not broker.healthy:
         errors = {name: t.log.error for name, t in broker.topics.items() if t.log is not None and t.log.error}
-        return _json({"status": "unhealthy", "log_errors": errors}, status=503)
-    return _json({"status": "ok"})
+        return json_response({"status": "unhealthy", "log_errors": errors}, status=503)
+    return json_response({"status": "ok"})
 
 
 async def _readyz(request: web.Request) -> web.Response:
     if request.app[BROKER].draining:
-        return _json({"status": "draining"}, status=503)
-    return _json({"status": "ready"})
+        return json_response({"status": "draining"}, status=503)
+    return json_response({"status": "ready"})
 
 
 async def _stream(request: web.Request) -> web.StreamResponse:
@@ -72,7 +72,7 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     name = request.match_info["topic"]
     topic = broker.topics.get(name)
     if topic is None:
-        return _json({"error": f"unknown topic {name!r}"}, status=404)
+        return json_response({"error": f"unknown topic {name!r}"}, status=404)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await response.prepare(request)
     sub = broker.add_sse_subscriber(topic)
@@ -108,8 +108,14 @@ def make_app(broker) -> web.Application:
 
 
 async def start_http(broker, host: str, port: int) -> tuple[web.AppRunner, str]:
-    """Serve the app on host:port (0 picks a free port); returns the runner and the base URL."""
-    runner = web.AppRunner(make_app(broker), access_log=None, handle_signals=False)
+    """Serve the broker's app on host:port (0 picks a free port); returns the runner and the base URL."""
+    return await serve_app(make_app(broker), host, port)
+
+
+async def serve_app(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
+    """Serve an app on host:port (0 picks a free port) in the running loop; (runner, base URL).
+    Raises OSError if the address cannot be bound."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     try:

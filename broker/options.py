@@ -65,6 +65,17 @@ class Timestamp(click.ParamType):
         return int(parsed.timestamp()) * 1_000_000_000 + parsed.microsecond * 1000
 
 
+def _stack(decorators):
+    """Apply several click option decorators as one, in the order listed."""
+
+    def apply(func):
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+
+    return apply
+
+
 def persistence_options(env_prefix: str):
     """The --persistence option set, reading TELEMETRY_*_<OPTION> from the environment."""
     option = functools.partial(click.option, show_envvar=True)
@@ -90,12 +101,7 @@ def persistence_options(env_prefix: str):
         ),
     ]
 
-    def apply(func):
-        for decorator in reversed(decorators):
-            func = decorator(func)
-        return func
-
-    return apply
+    return _stack(decorators)
 
 
 def persistence_config(persistence, persistence_dir, segment_bytes, fsync, fsync_interval_ms, retention_bytes, retention_age) -> PersistenceConfig | None:
@@ -140,9 +146,4 @@ def consumer_options(env_prefix: str):
         ),
     ]
 
-    def apply(func):
-        for decorator in reversed(decorators):
-            func = decorator(func)
-        return func
-
-    return apply
+    return _stack(decorators)

@@ -8,10 +8,11 @@ workers' metrics. (With the embedded broker, its HTTP serves these, with the bro
 
 from __future__ import annotations
 
-import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from broker.http import json_response, serve_app
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SUPERVISOR = web.AppKey("supervisor", object)
@@ -40,18 +41,14 @@ class WorkerCollector:
         yield from (sent, published, unacked, restarts, skipped)
 
 
-def _json(data: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
-
-
 async def _healthz(request: web.Request) -> web.Response:
-    return _json({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def _readyz(request: web.Request) -> web.Response:
     if request.app[SUPERVISOR].draining:
-        return _json({"status": "draining"}, status=503)
-    return _json({"status": "ready"})
+        return json_response({"status": "draining"}, status=503)
+    return json_response({"status": "ready"})
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -64,16 +61,7 @@ async def start_health(supervisor, host: str, port: int) -> tuple[web.AppRunner,
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    try:
-        await site.start()
-    except OSError:
-        await runner.cleanup()
-        raise
-    bound_host, bound_port = runner.addresses[0][:2]
-    return runner, f"http://{bound_host}:{bound_port}"
+    return await serve_app(app, host, port)
 
 
 def new_registry(supervisor) -> CollectorRegistry:
