@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import time
 from collections import deque
 from typing import NamedTuple
@@ -173,7 +174,8 @@ class Publisher:
             await asyncio.sleep(min(0.5, self.ack_timeout / 2))
             if self._inflight and time.monotonic() - self._inflight[0].sent_at >= self._resend_interval:
                 await self._resend(f"no acknowledgment for {self._resend_interval:.1f} s")
-                self._resend_interval = min(self._resend_interval * 2, MAX_RESEND_INTERVAL_S)
+                # exponential backoff with jitter, so that many producers do not resend in step
+                self._resend_interval = min(self._resend_interval * 2, MAX_RESEND_INTERVAL_S) * random.uniform(0.8, 1.2)
 
     async def _resend(self, why: str) -> None:
         log.warning("Resending %d unacknowledged messages to %s (%s)", self._inflight_messages, self.url, why)

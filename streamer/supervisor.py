@@ -32,6 +32,7 @@ RESTART_MIN_S, RESTART_MAX_S = 1.0, 30.0
 # A signal this soon after the first is the same request: `timeout` and some process managers
 # signal the process and then its group, so one stop arrives twice within microseconds.
 SIGNAL_DEBOUNCE_S = 0.5
+CRASH_LOOP_RESTARTS, CRASH_LOOP_WINDOW_S = 5, 60.0  # more restarts than this within the window: give up
 
 
 @dataclass
@@ -45,6 +46,8 @@ class WorkerSlot:
     published_before: int = 0  # published by earlier processes of this slot
     unacked_before: int = 0
     restarts: int = 0
+    restart_times: list = field(default_factory=list)
+    given_up: bool = False
     exited: asyncio.Event = field(default_factory=asyncio.Event)
 
     sent_before: int = 0
@@ -160,8 +163,23 @@ class Supervisor:
         slot.sent_before += slot.status.get("sent", 0)
         slot.skipped_before = slot.skipped
         slot.status = {}
+        now = time.monotonic()
+        slot.restart_times = [t for t in slot.restart_times if now - t < CRASH_LOOP_WINDOW_S] + [now]
+        if len(slot.restart_times) > CRASH_LOOP_RESTARTS:
+            slot.given_up = True
+            log.error(
+                "Worker %d exited unexpectedly (exit code %s) %d times within %.0f s: giving up on it",
+                slot.index,
+                process.exitcode,
+                len(slot.restart_times),
+                CRASH_LOOP_WINDOW_S,
+            )
+            if all(s.given_up for s in self.slots):
+                log.error("Every worker is in a crash loop: stopping")
+                self.should_exit.set()
+            return
         slot.restarts += 1
-        delay = min(RESTART_MIN_S * 2 ** (slot.restarts - 1), RESTART_MAX_S)
+        delay = min(RESTART_MIN_S * 2 ** (len(slot.restart_times) - 1), RESTART_MAX_S)
         log.error("Worker %d exited unexpectedly (exit code %s); restarting in %.0f s", slot.index, process.exitcode, delay)
         loop.call_later(delay, self._respawn, slot)
 
@@ -211,7 +229,7 @@ class Supervisor:
         if forced:
             summary = "Forced exit: " + summary.removeprefix("Drained: ")
         log.info("%s", summary)
-        return 1 if forced or unacked else 0
+        return 1 if forced or unacked or any(s.given_up for s in self.slots) else 0
 
 
 def _signal(process, signum: int) -> None:

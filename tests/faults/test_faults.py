@@ -1,0 +1,128 @@
+"""Fault injection against the real processes: kill -9, SIGSTOP, restarts, garbage. Each case is bounded."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from helpers import ROOT, Proc, alive, children_of, get_json, start_broker, start_streamer, summary, wait_until
+
+
+def workers_of(pid: int) -> list[int]:
+    """The streamer's worker processes (not multiprocessing's resource tracker)."""
+    found = []
+    for child in children_of(pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():
+                    found.append(child)
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def messages(http: str) -> int:
+    return get_json(f"{http}/stats/telemetry")[1]["messages"]
+
+
+def test_killed_worker_is_replaced_and_the_rate_recovers(procs, sample_csv):
+    proc, http = start_streamer(sample_csv, "--workers=2", "--rate=100")
+    procs.append(proc)
+    before = wait_until(lambda: len(w := workers_of(proc.pid)) == 2 and w, message="2 workers")
+    wait_until(lambda: messages(http) >= 100)
+    os.kill(before[0], signal.SIGKILL)
+    proc.wait_for_line("Worker 0 exited unexpectedly .*restarting")
+    wait_until(lambda: len(w := workers_of(proc.pid)) == 2 and set(w) != set(before), timeout=30, message="a replacement worker")
+    # the replacement publishes: the total rate is back to about 2 x 100/s
+    wait_until(lambda: len(get_json(f"{http}/stats/telemetry")[1]["producers"]) == 3, message="the replacement's producer id")
+    start, t0 = messages(http), time.monotonic()
+    time.sleep(2.0)  # a rate is measured over time
+    rate = (messages(http) - start) / (time.monotonic() - t0)
+    assert 150 <= rate <= 250, rate
+    assert not alive(before[0])
+    proc.signal(signal.SIGTERM)
+    proc.wait()
+    figures = summary(proc.output)
+    assert figures["broker_accepted"] >= figures["published"] > 0
+
+
+def test_broker_killed_and_restarted_stream_continues_exactly_once(procs, sample_csv, tmp_path):
+    port = free_port()
+    args = (f"--port={port}", "--http-port=0", "--persistence", f"--persistence-dir={tmp_path}", "--fsync=always")
+    broker = Proc("broker", "serve", *args)
+    procs.append(broker)
+    http = broker.wait_for_line(r"HTTP (http://\S+) ").group(1)
+    streamer = Proc(
+        "streamer", f"--csv={sample_csv}", f"--broker-url=tcp://127.0.0.1:{port}", "--workers=2", "--rate=2000", "--http-port=0", "--shutdown-timeout=20"
+    )
+    procs.append(streamer)
+    wait_until(lambda: messages(http) >= 3000, message="3,000 messages")
+    broker.popen.send_signal(signal.SIGKILL)
+    broker.wait()
+    broker = Proc("broker", "serve", *args)  # same port, same directory
+    procs.append(broker)
+    http = broker.wait_for_line(r"HTTP (http://\S+) ").group(1)
+    wait_until(lambda: messages(http) >= 3000, timeout=60, message="the streamer to continue into the restarted broker")
+    streamer.signal(signal.SIGTERM)
+    assert streamer.wait(timeout=60) == 0, streamer.output
+    published = summary(streamer.output)["published"]
+    dump = subprocess.run([sys.executable, "-m", "broker", "dump", f"--persistence-dir={tmp_path}", "--meta"], cwd=ROOT, capture_output=True, timeout=120)
+    import orjson
+
+    records = [orjson.loads(line) for line in dump.stdout.splitlines()]
+    assert [r["offset"] for r in records] == list(range(len(records)))
+    by_producer: dict[str, list[int]] = {}
+    for r in records:
+        by_producer.setdefault(r["producer"], []).append(r["seq"])
+    for seqs in by_producer.values():
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # contiguous: no duplicate, no hole
+    assert len(records) == published  # every acknowledged message exactly once
+
+
+def test_stopped_broker_does_not_hang_the_drain(procs, sample_csv):
+    broker, zmq_url, http = start_broker()
+    procs.append(broker)
+    streamer = Proc("streamer", f"--csv={sample_csv}", f"--broker-url={zmq_url}", "--rate=100", "--http-port=0", "--shutdown-timeout=2")
+    procs.append(streamer)
+    wait_until(lambda: messages(http) >= 20)
+    broker.signal(signal.SIGSTOP)
+    try:
+        time.sleep(0.3)  # let some batches go unacknowledged
+        started = time.monotonic()
+        streamer.signal(signal.SIGTERM)
+        code = streamer.wait(timeout=30)
+        assert time.monotonic() - started < 2 + 5 + 3  # the shutdown timeout plus the drain's grace
+        assert code == 1 and summary(streamer.output)["unacknowledged"] > 0
+    finally:
+        broker.signal(signal.SIGCONT)
+
+
+def test_malformed_http_requests_leave_the_broker_serving(procs):
+    broker, _, http = start_broker()
+    procs.append(broker)
+    host, port = http.rsplit("//", 1)[1].split(":")
+    garbage = [
+        b"\x00\xff\x13garbage\r\n\r\n",
+        b"GET /stats HTTP/9.9\r\n\r\n",
+        b"GET / HTTP/1.1\r\n" + b"X: " + b"a" * 100_000 + b"\r\n\r\n",
+        b"POST /stats HTTP/1.1\r\nContent-Length: 999999\r\n\r\nshort",
+    ]
+    for payload in garbage:
+        with socket.create_connection((host, int(port)), timeout=5) as conn:
+            conn.sendall(payload)
+            conn.settimeout(2)
+            try:
+                conn.recv(1024)
+            except (TimeoutError, ConnectionResetError):
+                pass
+    assert get_json(f"{http}/healthz") == (200, {"status": "ok"})
+    status, body = get_json(f"{http}/stats/telemetry")
+    assert status == 200 and body["topic"] == "telemetry"
