@@ -17,7 +17,7 @@ from broker import console
 from broker.config import BrokerConfig
 from broker.logs import FORMATS, LEVELS, setup_logging
 from broker.options import consumer_options, persistence_config, persistence_options
-from broker.protocol import valid_topic
+from broker.protocol import MAX_MESSAGE_BYTES, valid_topic
 
 from .config import StreamerConfig, WorkerConfig
 from .csvsource import CsvError, check_csv
@@ -108,6 +108,13 @@ def _column_types(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
     help="Force a column's type: bool, int, float or string (repeatable).",
 )
 @option(
+    "--max-message-bytes",
+    type=click.IntRange(min=128),
+    default=MAX_MESSAGE_BYTES,
+    envvar=env("MAX_MESSAGE_BYTES"),
+    help="Largest message: a row whose message is larger is skipped and counted (the embedded broker enforces it too).",
+)
+@option(
     "--buffer-messages",
     type=click.IntRange(min=1),
     default=100_000,
@@ -130,6 +137,7 @@ def command(
     shutdown_timeout,
     column_types,
     buffer_messages,
+    max_message_bytes,
     log_level,
     log_format,
     subscriber_queue,
@@ -158,6 +166,7 @@ def command(
             column_types=column_types,
             shutdown_timeout=shutdown_timeout,
             buffer_messages=buffer_messages,
+            max_message_bytes=max_message_bytes,
             log_level=log_level.lower(),
             log_format=log_format,
         ),
@@ -172,6 +181,7 @@ def command(
             http_port=http_port,
             topics=(topic,),
             persistence=persistence_cfg,
+            max_message_bytes=max_message_bytes,
             subscriber_queue=subscriber_queue,
             ack_timeout_s=ack_timeout or 30.0,
             max_deliveries=max_deliveries,

@@ -36,7 +36,8 @@ CACHE_BYTES = 16 << 20  # encoded rows kept per worker between passes
 _ROW_OVERHEAD = 48  # what one cached bytes object costs beyond its length (object + list slot)
 _LOGGED_SKIPS_PER_PASS = 10
 
-SKIP_REASONS = ("field_count", "invalid_utf8", "field_too_large", "malformed", "bad_value")
+SKIP_REASONS = ("field_count", "invalid_utf8", "field_too_large", "malformed", "bad_value", "message_too_large")
+ENVELOPE_BYTES = 56  # what streamer.message adds around a row's fields: {"timestamp":"<30 chars>","fields":...}
 
 csv.field_size_limit(MAX_FIELD_CHARS)
 
@@ -113,8 +114,10 @@ class _Pass:
 class CsvSource:
     """Endless source of encoded `fields` rows from one CSV path, one pass at a time."""
 
-    def __init__(self, path: str, column_types: dict[str, str], *, cache_bytes: int = CACHE_BYTES, label: str = ""):
+    def __init__(self, path: str, column_types: dict[str, str], *, cache_bytes: int = CACHE_BYTES, max_message_bytes: int | None = None, label: str = ""):
         self.path = path
+        # a row whose message would exceed the broker's cap is skipped here, not refused there
+        self.max_fields_bytes = None if max_message_bytes is None else max_message_bytes - ENVELOPE_BYTES
         self.column_types = column_types
         self.cache_bytes = cache_bytes
         self.label = label or "Worker"
@@ -217,6 +220,9 @@ class CsvSource:
                             encoded = orjson.dumps(dict(zip(header, [conv(v) for conv, v in zip(converters, row)])))
                         except BadValue as exc:
                             reason, detail = "bad_value", str(exc)
+                        else:
+                            if self.max_fields_bytes is not None and len(encoded) > self.max_fields_bytes:
+                                reason, detail = "message_too_large", f"{len(encoded) + ENVELOPE_BYTES} bytes, over --max-message-bytes"
                 if reason is None:
                     last_line = reader.line_num
                     if keep:

@@ -69,7 +69,7 @@ class Worker:
         self.status = status
         self.parent_pid = parent_pid
         self.sent = 0
-        self.source = CsvSource(cfg.csv, cfg.column_types, label=self.label)
+        self.source = CsvSource(cfg.csv, cfg.column_types, max_message_bytes=cfg.max_message_bytes, label=self.label)
         self.publisher = Publisher(cfg.broker_url, cfg.topic, window=cfg.buffer_messages)
         self.name = f"worker-{index}@{socket.gethostname()}/{os.getpid()}"
         self._stop = asyncio.Event()

@@ -141,3 +141,16 @@ def test_take_raises_when_a_pass_has_no_usable_row(tmp_path):
     with pytest.raises(NoUsableRows):
         source.take(5)
     assert source.skipped["field_count"] == 2
+
+
+def test_rows_whose_message_would_exceed_the_cap_are_skipped(tmp_path):
+    from streamer.message import Envelope
+
+    data = b"note\n" + b"".join(b"%s\n" % (b"x" * n) for n in (10, 40, 41, 42, 200))
+    probe = len(Envelope().batch([b'{"note":"' + b"x" * 41 + b'"}']))  # the message for the 41-char row
+    source = CsvSource(write(tmp_path, data), {}, max_message_bytes=probe)
+    rows = list(source.open_pass())
+    messages = Envelope().batch(rows).split(b"\n")
+    assert [len(orjson.loads(m)["fields"]["note"]) for m in messages] == [10, 40, 41]  # 41 fits exactly
+    assert all(len(m) <= probe for m in messages)
+    assert source.skipped["message_too_large"] == 2
