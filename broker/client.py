@@ -313,27 +313,23 @@ class Subscriber:
             self._ctx = None
 
 
-class BlockingSubscriber:
-    """Subscriber for code without asyncio: `for offset, message in BlockingSubscriber(url, topic): ...`"""
+class _Blocking:
+    """Runs an async client (Subscriber or Consumer) on a private event loop, for code without asyncio."""
 
-    def __init__(self, url: str, topic: str, **options):
+    def __init__(self, client):
         self._loop = asyncio.new_event_loop()
-        self._sub = Subscriber(url, topic, **options)
-        self._loop.run_until_complete(self._sub.start())
-        self._iter = self._sub.__aiter__()
-
-    @property
-    def missed(self) -> int:
-        return self._sub.missed
+        self._client = client
+        self._loop.run_until_complete(client.start())
+        self._iter = client.__aiter__()
 
     def __iter__(self):
         return self
 
-    def __next__(self) -> tuple[int, bytes]:
+    def __next__(self):
         return self._loop.run_until_complete(self._iter.__anext__())
 
     def close(self) -> None:
-        self._loop.run_until_complete(self._sub.close())
+        self._loop.run_until_complete(self._client.close())
         self._loop.close()
 
     def __enter__(self):
@@ -341,6 +337,17 @@ class BlockingSubscriber:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class BlockingSubscriber(_Blocking):
+    """Subscriber for code without asyncio: `for offset, message in BlockingSubscriber(url, topic): ...`"""
+
+    def __init__(self, url: str, topic: str, **options):
+        super().__init__(Subscriber(url, topic, **options))
+
+    @property
+    def missed(self) -> int:
+        return self._client.missed
 
 
 class Message(NamedTuple):
@@ -412,7 +419,7 @@ class Consumer:
             self._ctx = None
 
 
-class BlockingConsumer:
+class BlockingConsumer(_Blocking):
     """Consumer for code without asyncio:
 
     with BlockingConsumer(url, "telemetry", "billing") as consumer:
@@ -422,26 +429,7 @@ class BlockingConsumer:
     """
 
     def __init__(self, url: str, topic: str, group: str, **options):
-        self._loop = asyncio.new_event_loop()
-        self._consumer = Consumer(url, topic, group, **options)
-        self._loop.run_until_complete(self._consumer.start())
-        self._iter = self._consumer.__aiter__()
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> Message:
-        return self._loop.run_until_complete(self._iter.__anext__())
+        super().__init__(Consumer(url, topic, group, **options))
 
     def ack(self, *offsets: int) -> None:
-        self._loop.run_until_complete(self._consumer.ack(*offsets))
-
-    def close(self) -> None:
-        self._loop.run_until_complete(self._consumer.close())
-        self._loop.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        self._loop.run_until_complete(self._client.ack(*offsets))

@@ -134,10 +134,11 @@ class Topic:
         first_offset = self.next_offset
         self.next_offset += count
         self.messages += count
-        self.bytes += len(body) - count + 1  # message bytes, without separators
+        size = len(body) - count + 1  # message bytes, without separators
+        self.bytes += size
         producer.next_seq = expected + count
         producer.messages += count
-        producer.bytes += len(body) - count + 1
+        producer.bytes += size
         span = Span(first_offset, count, body, producer_id, expected, received)
         if self.log is None:
             self._remember(span)

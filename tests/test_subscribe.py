@@ -185,9 +185,9 @@ def test_tail_in_a_pipe_with_meta_and_count(broker, tmp_path):
 
 
 def test_tail_exits_cleanly_on_ctrl_c(broker):
-    _, url, _ = broker
+    _, url, http = broker
     tail = Proc("broker", "tail", f"--broker-url={url}")
-    time.sleep(0.5)  # let it subscribe; the signal is what is tested
+    wait_until(lambda: get_json(f"{http}/stats/telemetry")[1]["subscribers"], message="tail to subscribe")
     tail.signal(signal.SIGINT)
     assert tail.wait(timeout=15) == 0
     assert "Traceback" not in tail.output

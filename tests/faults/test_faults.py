@@ -29,6 +29,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def unacknowledged(http: str) -> float:
+    """The streamer's own view (its workers report once a second), from its /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{http}/metrics", timeout=5) as response:
+        families = text_string_to_metric_families(response.read().decode())
+        return sum(s.value for f in families if f.name == "telemetry_worker_unacknowledged" for s in f.samples)
+
+
 def messages(http: str) -> int:
     return get_json(f"{http}/stats/telemetry")[1]["messages"]
 
@@ -92,10 +103,11 @@ def test_stopped_broker_does_not_hang_the_drain(procs, sample_csv):
     procs.append(broker)
     streamer = Proc("streamer", f"--csv={sample_csv}", f"--broker-url={zmq_url}", "--rate=100", "--http-port=0", "--shutdown-timeout=2")
     procs.append(streamer)
+    own_http = streamer.wait_for_line(r"Streamer HTTP (http://\S+) ").group(1)
     wait_until(lambda: messages(http) >= 20)
     broker.signal(signal.SIGSTOP)
     try:
-        time.sleep(0.3)  # let some batches go unacknowledged
+        wait_until(lambda: unacknowledged(own_http) > 0, message="batches the stopped broker cannot acknowledge")
         started = time.monotonic()
         streamer.signal(signal.SIGTERM)
         code = streamer.wait(timeout=30)
