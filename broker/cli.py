@@ -22,7 +22,7 @@ from . import console
 from .config import BrokerConfig
 from .log import read_records
 from .logs import FORMATS, LEVELS, setup_logging
-from .options import Timestamp, consumer_options, persistence_config, persistence_options
+from .options import Size, Timestamp, consumer_options, persistence_config, persistence_options
 from .protocol import MAX_MESSAGE_BYTES, valid_topic
 
 log = logging.getLogger("broker")
@@ -44,7 +44,7 @@ def command():
 @option("--port", type=PORT, default=5555, envvar=env("PORT"), help="ZeroMQ port (0 = any free port).")
 @option("--http-host", default=None, envvar=env("HTTP_HOST"), help="HTTP bind address [default: same as --host].")
 @option("--http-port", type=PORT, default=8080, envvar=env("HTTP_PORT"), help="HTTP port (0 = any free port).")
-@option("--max-message-bytes", type=click.IntRange(min=64), default=MAX_MESSAGE_BYTES, envvar=env("MAX_MESSAGE_BYTES"), help="Largest message accepted.")
+@option("--max-message-bytes", type=Size(minimum=64), default=MAX_MESSAGE_BYTES, envvar=env("MAX_MESSAGE_BYTES"), help="Largest message accepted.")
 @consumer_options("TELEMETRY_BROKER_")
 @persistence_options("TELEMETRY_BROKER_")
 @option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="info", envvar=env("LOG_LEVEL"))

@@ -6,6 +6,12 @@ room when it is full (backpressure, never a silent drop), resends them when ackn
 coming, and resends from the broker's expected sequence number after a gap. The broker's
 de-duplication makes every resend safe.
 
+If the broker says it expects a sequence number the publisher has already seen acknowledged, the
+broker lost acknowledged messages (a crash under --fsync=interval or never cut its log back).
+They cannot be resent (the publisher no longer holds them): it logs how many, counts them in
+`lost_by_broker`, and carries on under a new producer id, resending what it holds, so that the
+stream continues instead of stalling on a gap that can never be filled.
+
     pub = Publisher("tcp://127.0.0.1:5555", "telemetry")
     await pub.start()
     await pub.publish(b'{"a":1}\\n{"a":2}', 2)
@@ -80,6 +86,7 @@ class Publisher:
         self.published = 0  # messages the broker acknowledged
         self.rejected = 0  # messages the broker refused as invalid (never resent)
         self.resends = 0  # batches sent again
+        self.lost_by_broker = 0  # acknowledged messages the broker later no longer had
         self._topic = topic.encode()
         self._next_seq = 0
         self._inflight: deque[_Batch] = deque()
@@ -130,11 +137,13 @@ class Publisher:
             if len(frames) < 3 or frames[0] != p.SIGNATURE:
                 continue
             if frames[1] == p.ACK and len(frames[2]) == p.ACK_BODY.size:
-                first_seq, count, _offset = p.ACK_BODY.unpack(frames[2])
-                self._acknowledged(first_seq + count)
+                producer, first_seq, count, _offset = p.ACK_BODY.unpack(frames[2])
+                if producer == self.producer_id:  # not a late answer to this publisher's previous id
+                    self._acknowledged(first_seq + count)
             elif frames[1] == p.NACK and len(frames) >= 5 and len(frames[2]) == p.NACK_BODY.size:
-                first_seq, count, expected = p.NACK_BODY.unpack(frames[2])
-                await self._refused(first_seq, count, expected, frames[3], frames[4].decode(errors="replace"))
+                producer, first_seq, count, expected = p.NACK_BODY.unpack(frames[2])
+                if producer == self.producer_id:
+                    await self._refused(first_seq, count, expected, frames[3], frames[4].decode(errors="replace"))
 
     def _acknowledged(self, end_seq: int) -> None:
         """Everything before `end_seq` is in the broker (it accepts in sequence order only)."""
@@ -152,6 +161,10 @@ class Publisher:
 
     async def _refused(self, first_seq: int, count: int, expected: int, code: bytes, reason: str) -> None:
         if code == p.NACK_SEQUENCE:
+            acknowledged_up_to = self._inflight[0].first_seq if self._inflight else self._next_seq
+            if expected < acknowledged_up_to:
+                await self._renew(expected, acknowledged_up_to)
+                return
             self._acknowledged(expected)
             # every batch behind a gap is refused the same way: resend once per gap, not per refusal
             now = time.monotonic()
@@ -177,13 +190,37 @@ class Publisher:
                 # exponential backoff with jitter, so that many producers do not resend in step
                 self._resend_interval = min(self._resend_interval * 2, MAX_RESEND_INTERVAL_S) * random.uniform(0.8, 1.2)
 
+    async def _renew(self, expected: int, acknowledged_up_to: int) -> None:
+        """The broker lost messages it had acknowledged: carry on as a new producer."""
+        lost = acknowledged_up_to - expected
+        self.lost_by_broker += lost
+        old, self.producer_id = self.producer_id, os.urandom(p.PRODUCER_ID_BYTES)
+        self._last_gap = (-1, 0.0)
+        log.error(
+            "The broker at %s lost %d messages it had acknowledged (sequence %d to %d of producer %s; its log was cut back, "
+            "e.g. by a crash under --fsync=interval); continuing as producer %s",
+            self.url,
+            lost,
+            expected,
+            acknowledged_up_to - 1,
+            old.hex(),
+            self.producer_id.hex(),
+        )
+        if self._inflight:
+            await self._resend("new producer id")
+
     async def _resend(self, why: str) -> None:
+        """Send every unacknowledged batch again, in sequence order. The sends are queued all at
+        once (no await in between), so that no new batch overtakes them: a broker meeting a new
+        producer id starts it at the first sequence number it sees."""
         log.warning("Resending %d unacknowledged messages to %s (%s)", self._inflight_messages, self.url, why)
         now = time.monotonic()
+        sends = []
         for batch in list(self._inflight):
             batch.sent_at = now
             self.resends += 1
-            await self._sock.send_multipart(p.publish_frames(self._topic, self.producer_id, batch.first_seq, batch.count, batch.body), copy=False)
+            sends.append(self._sock.send_multipart(p.publish_frames(self._topic, self.producer_id, batch.first_seq, batch.count, batch.body), copy=False))
+        await asyncio.gather(*sends)
 
     # -- drain and close -----------------------------------------------------------------------
 

@@ -22,13 +22,20 @@ class Size(click.ParamType):
 
     name = "size"
 
+    def __init__(self, minimum: int = 0):
+        self.minimum = minimum
+
     def convert(self, value, param, ctx):
         if isinstance(value, int):
-            return value
-        match = _SIZE.fullmatch(str(value).strip())
-        if not match:
-            self.fail(f"{value!r} is not a size (e.g. 1048576, 64MiB, 1GiB)", param, ctx)
-        return int(match.group(1)) * _UNITS[(match.group(2) or "")[:1].lower()]
+            size = value
+        else:
+            match = _SIZE.fullmatch(str(value).strip())
+            if not match:
+                self.fail(f"{value!r} is not a size (e.g. 1048576, 64MiB, 1GiB)", param, ctx)
+            size = int(match.group(1)) * _UNITS[(match.group(2) or "")[:1].lower()]
+        if size < self.minimum:
+            self.fail(f"{value!r} is less than {self.minimum} bytes", param, ctx)
+        return size
 
 
 class Duration(click.ParamType):

@@ -9,6 +9,9 @@ Producer -> broker
              PUB_HEADER (28 B) = producer id (16 B) | first seq (u64) | count (u32)
              body = `count` messages joined by b"\\n"; each message is one compact JSON object
              (so it holds no raw newline), at most --max-message-bytes long.
+             The whole multipart message is at most max(MAX_FRAME_BYTES, --max-message-bytes +
+             64 KiB); ZeroMQ closes the connection of a peer that sends more, before the broker
+             allocates it (publishers split larger batches, see `batch_limit`).
     REPORT   | "TLM1" | "R" | topic | producer id (16 B) | JSON object      (no reply)
              the producer's own cumulative counters, e.g. {"name": "worker-0@host",
              "skipped": {"field_count": 2}}; the broker keeps the latest per producer.
@@ -52,11 +55,14 @@ Broker -> subscriber
 Broker -> producer (routed back to the sending DEALER)
 
     ACK      | "TLM1" | "A" | ACK_BODY
-             ACK_BODY (20 B) = first seq (u64) | count (u32) | first offset (u64)
+             ACK_BODY (36 B) = producer id (16 B) | first seq (u64) | count (u32) | first offset (u64)
              first offset is DUPLICATE when every message was already accepted before.
     NACK     | "TLM1" | "N" | NACK_BODY | code (1 B) | reason (UTF-8)
-             NACK_BODY (20 B) = first seq (u64) | count (u32) | expected seq (u64)
-             code "S": sequence gap; resend from `expected seq`.
+             NACK_BODY (36 B) = producer id (16 B) | first seq (u64) | count (u32) | expected seq (u64)
+             code "S": sequence gap; resend from `expected seq`. An expected seq *below* what the
+               broker already acknowledged means the broker lost acknowledged messages (its log was
+               cut back, e.g. a crash under --fsync=interval): the producer cannot resend them, so it
+               carries on under a new producer id (see broker.client.Publisher).
              code "U": the broker cannot store now (e.g. disk error); retry later.
              code "I": invalid batch (topic, size, count); retrying cannot help.
 
@@ -93,8 +99,8 @@ NACK_UNAVAILABLE = b"U"
 NACK_INVALID = b"I"
 
 PUB_HEADER = struct.Struct(">16sQI")
-ACK_BODY = struct.Struct(">QIQ")
-NACK_BODY = struct.Struct(">QIQ")
+ACK_BODY = struct.Struct(">16sQIQ")
+NACK_BODY = struct.Struct(">16sQIQ")
 SUB_HEADER = struct.Struct(">BQI")
 CREDIT_BODY = struct.Struct(">I")
 MSG_HEADER = struct.Struct(">QI16sQQ")
@@ -104,6 +110,15 @@ PRODUCER_ID_BYTES = 16
 DUPLICATE = 2**64 - 1
 
 MAX_MESSAGE_BYTES = 1 << 20  # default per-message cap
+MAX_FRAME_BYTES = 64 << 20  # the transport's cap on one PUBLISH (a batch), whatever the message cap
+BATCH_BYTES = 8 << 20  # publishers split batches larger than this (well inside the cap)
+
+
+def frame_limit(max_message_bytes: int) -> int:
+    """The broker's transport cap (ZMQ_MAXMSGSIZE): a batch, or one message at its cap."""
+    return max(MAX_FRAME_BYTES, max_message_bytes + (64 << 10))
+
+
 SEPARATOR = b"\n"
 
 TOPIC_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -122,12 +137,12 @@ def report_frames(topic: bytes, producer_id: bytes, report: bytes) -> list[bytes
     return [SIGNATURE, REPORT, topic, producer_id, report]
 
 
-def ack_frames(first_seq: int, count: int, first_offset: int) -> list[bytes]:
-    return [SIGNATURE, ACK, ACK_BODY.pack(first_seq, count, first_offset)]
+def ack_frames(producer_id: bytes, first_seq: int, count: int, first_offset: int) -> list[bytes]:
+    return [SIGNATURE, ACK, ACK_BODY.pack(producer_id, first_seq, count, first_offset)]
 
 
-def nack_frames(first_seq: int, count: int, code: bytes, reason: str, expected_seq: int = 0) -> list[bytes]:
-    return [SIGNATURE, NACK, NACK_BODY.pack(first_seq, count, expected_seq), code, reason.encode()]
+def nack_frames(producer_id: bytes, first_seq: int, count: int, code: bytes, reason: str, expected_seq: int = 0) -> list[bytes]:
+    return [SIGNATURE, NACK, NACK_BODY.pack(producer_id, first_seq, count, expected_seq), code, reason.encode()]
 
 
 def subscribe_frames(topic: bytes, start: int = FROM_LIVE, value: int = 0, credit: int = 100) -> list[bytes]:

@@ -12,12 +12,14 @@ import asyncio
 import itertools
 import logging
 import os
+import resource
 import time
 from collections import Counter
 
 import orjson
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from . import protocol as p
 from .config import BrokerConfig
@@ -29,12 +31,26 @@ from .topic import SequenceGap, Span, Subscriber, Topic
 log = logging.getLogger("broker")
 
 _BAD_FRAME_LOG_INTERVAL_S = 10.0
-_MAX_BATCH_FRAME = 256 << 20
 _REPLAY_RETRY_S = 0.01
-_BURST = 64  # frames handled (and made durable together) before the loop lets other tasks run  # larger frames are refused by ZeroMQ before they reach us
+_BURST = 64  # frames handled (and made durable together) before the loop lets other tasks run
 
 
 ZMQ_SENT, ZMQ_AGAIN, ZMQ_GONE = range(3)
+_CONNECTION_EVENTS = (
+    zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPT_FAILED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+)
+_OPEN_FILES_WANTED = 65536
+
+
+def _raise_open_files_limit() -> None:
+    """Raise the soft limit on open descriptors towards the hard limit (as servers do)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = _OPEN_FILES_WANTED if hard == resource.RLIM_INFINITY else min(hard, _OPEN_FILES_WANTED)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            pass
 
 
 class BrokerStartError(Exception):
@@ -46,6 +62,7 @@ class Broker:
         self.config = config
         self.topics: dict[str, Topic] = {}
         self.bad_frames: Counter = Counter()  # frames that are not the protocol, by reason
+        self.connections: Counter = Counter()  # ZeroMQ connections: accepted, closed, handshake_failed, accept_failed
         self.started = time.monotonic()
         self.draining = False
         self.zmq_url = ""
@@ -54,7 +71,8 @@ class Broker:
         self._router: zmq.asyncio.Socket | None = None
         self._http = None
         self._tasks: list[asyncio.Task] = []
-        self._bad_frames_logged_at: dict[str, float] = {}
+        self._logged_at: dict[str, float] = {}  # bounded-rate warnings, by kind
+        self._monitor: zmq.asyncio.Socket | None = None
         self._replies: list[tuple[bytes, Topic | None, list[bytes]]] = []  # sent once the burst is durable
         self._acked_in_burst = False
         self._fanout: list[tuple[Topic, Span]] = []  # delivered to live subscribers once the burst is durable
@@ -63,6 +81,8 @@ class Broker:
         self._dlq_seq = 0
         self.metrics = Metrics(self)
         self._sse_ids = itertools.count(1)
+        # (topic, callable): the embedded streamer's workers, shown in /stats and /stats/<topic>
+        self.workers_stats: tuple[str, object] | None = None
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -71,11 +91,12 @@ class Broker:
         from .http import start_http  # aiohttp is only needed once a broker starts
 
         cfg = self.config
+        _raise_open_files_limit()  # every connection is a descriptor; a flood must not starve the log
         self._open_topics()
         self._ctx = zmq.asyncio.Context()
         router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
-        router.setsockopt(zmq.MAXMSGSIZE, max(_MAX_BATCH_FRAME, cfg.max_message_bytes * 4))
+        router.setsockopt(zmq.MAXMSGSIZE, p.frame_limit(cfg.max_message_bytes))  # larger: ZeroMQ drops the connection
         router.setsockopt(zmq.RCVHWM, 10_000)
         router.setsockopt(zmq.SNDHWM, 100_000)  # subscribers are bounded by their credit, not by this
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full or vanished peer is reported, not silently skipped
@@ -88,12 +109,18 @@ class Broker:
             raise BrokerStartError(f"cannot listen for ZeroMQ on {cfg.host}:{cfg.port}: {exc.strerror}") from None
         self._router = router
         self.zmq_url = router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._monitor = router.get_monitor_socket(_CONNECTION_EVENTS)
         try:
             self._http, self.http_url = await start_http(self, cfg.http_host, cfg.http_port)
         except OSError as exc:
             await self.close()
             raise BrokerStartError(f"cannot listen for HTTP on {cfg.http_host}:{cfg.http_port}: {exc.strerror or exc}") from None
-        self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._sample_rates()), asyncio.create_task(self._expire_deliveries())]
+        self._tasks = [
+            asyncio.create_task(self._receive()),
+            asyncio.create_task(self._sample_rates()),
+            asyncio.create_task(self._expire_deliveries()),
+            asyncio.create_task(self._watch_connections()),
+        ]
         if cfg.persistence is not None and cfg.persistence.fsync == "interval":
             self._tasks.append(asyncio.create_task(self._sync_periodically()))
         log.info(
@@ -149,8 +176,8 @@ class Broker:
         for identity, topic, frames in replies:
             if topic is not None and frames[1] == p.ACK:
                 if id(topic) in failed:
-                    first_seq, count, _ = p.ACK_BODY.unpack(frames[2])
-                    frames = p.nack_frames(first_seq, count, p.NACK_UNAVAILABLE, f"log fsync failed: {topic.log.error}")
+                    producer_id, first_seq, count, _ = p.ACK_BODY.unpack(frames[2])
+                    frames = p.nack_frames(producer_id, first_seq, count, p.NACK_UNAVAILABLE, f"log fsync failed: {topic.log.error}")
                 else:
                     topic.acks += 1
             self._send(identity, frames)
@@ -437,16 +464,16 @@ class Broker:
             if topic is not None:
                 topic.rejected[reason] += count
             self._bad_frame(reason)
-            self._replies.append((identity, topic, p.nack_frames(first_seq, count, p.NACK_INVALID, reason)))
+            self._replies.append((identity, topic, p.nack_frames(producer_id, first_seq, count, p.NACK_INVALID, reason)))
             return
         try:
             span = topic.append(producer_id, first_seq, count, body)
         except SequenceGap as gap:
-            reply = p.nack_frames(first_seq, count, p.NACK_SEQUENCE, "sequence gap", gap.expected)
+            reply = p.nack_frames(producer_id, first_seq, count, p.NACK_SEQUENCE, "sequence gap", gap.expected)
         except LogUnavailable as exc:
-            reply = p.nack_frames(first_seq, count, p.NACK_UNAVAILABLE, f"log write failed: {exc}")
+            reply = p.nack_frames(producer_id, first_seq, count, p.NACK_UNAVAILABLE, f"log write failed: {exc}")
         else:
-            reply = p.ack_frames(first_seq, count, span.first_offset)
+            reply = p.ack_frames(producer_id, first_seq, count, span.first_offset)
             self._acked_in_burst = True
             if span.count and topic.subscribers:
                 self._fanout.append((topic, span))
@@ -526,10 +553,48 @@ class Broker:
 
     def _bad_frame(self, reason: str) -> None:
         self.bad_frames[reason] += 1
-        now = time.monotonic()
-        if now - self._bad_frames_logged_at.get(reason, -1e9) >= _BAD_FRAME_LOG_INTERVAL_S:
-            self._bad_frames_logged_at[reason] = now
+        if self._may_log(f"frame:{reason}"):
             log.warning("Broker: ignored a bad frame (%s); %d so far", reason, self.bad_frames[reason])
+
+    def _may_log(self, kind: str) -> bool:
+        """At most one warning of a kind per _BAD_FRAME_LOG_INTERVAL_S: garbage cannot flood the log."""
+        now = time.monotonic()
+        if now - self._logged_at.get(kind, -1e9) < _BAD_FRAME_LOG_INTERVAL_S:
+            return False
+        self._logged_at[kind] = now
+        return True
+
+    async def _watch_connections(self) -> None:
+        """Count the ZeroMQ port's connections (libzmq's socket monitor). A peer that fails the
+        ZMTP handshake (not ZeroMQ at all) or sends a frame over the size cap is disconnected by
+        libzmq before any frame reaches the broker; it shows here."""
+        names = {
+            zmq.EVENT_ACCEPTED: "accepted",
+            zmq.EVENT_DISCONNECTED: "closed",
+            zmq.EVENT_ACCEPT_FAILED: "accept_failed",
+            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
+            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed",
+        }
+        while True:
+            event = parse_monitor_message(await self._monitor.recv_multipart())
+            name = names.get(event["event"])
+            if name is None:
+                continue
+            self.connections[name] += 1
+            if name == "accept_failed" and self._may_log(name):
+                log.warning("Broker: cannot accept a connection (%s); %d so far", os.strerror(event["value"]), self.connections[name])
+            elif name == "handshake_failed" and self._may_log(name):
+                log.warning("Broker: a peer that does not speak ZeroMQ was disconnected; %d so far", self.connections[name])
+
+    def connection_stats(self) -> dict:
+        c = self.connections
+        return {
+            "open": c["accepted"] - c["closed"],
+            "accepted": c["accepted"],
+            "closed": c["closed"],
+            "handshake_failed": c["handshake_failed"],
+            "accept_failed": c["accept_failed"],
+        }
 
     async def _sync_periodically(self) -> None:
         """--fsync=interval: fsync each written log at most every interval, off the event loop
@@ -565,7 +630,12 @@ class Broker:
 
     def topic_stats(self, name: str) -> dict | None:
         topic = self.topics.get(name)
-        return None if topic is None else topic.stats(self.started)
+        if topic is None:
+            return None
+        stats = topic.stats(self.started)
+        if self.workers_stats is not None and self.workers_stats[0] == name:
+            stats["workers"] = self.workers_stats[1]()
+        return stats
 
     @property
     def healthy(self) -> bool:
@@ -576,7 +646,9 @@ class Broker:
         return {
             "topics": {name: topic.stats(self.started) for name, topic in self.topics.items()},
             "bad_frames": dict(self.bad_frames),
+            "connections": self.connection_stats(),
             "uptime_s": round(time.monotonic() - self.started, 3),
+            **({"workers": self.workers_stats[1]()} if self.workers_stats is not None else {}),
         }
 
     # -- drain and close -----------------------------------------------------------------------
@@ -595,6 +667,10 @@ class Broker:
         if self._http is not None:
             await self._http.cleanup()
             self._http = None
+        if self._monitor is not None:
+            self._router.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
         if self._router is not None:
             self._router.close(linger=0)
             self._router = None

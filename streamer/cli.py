@@ -16,7 +16,7 @@ import click
 from broker import console
 from broker.config import BrokerConfig
 from broker.logs import FORMATS, LEVELS, setup_logging
-from broker.options import consumer_options, persistence_config, persistence_options
+from broker.options import Size, consumer_options, persistence_config, persistence_options
 from broker.protocol import MAX_MESSAGE_BYTES, valid_topic
 
 from .config import StreamerConfig, WorkerConfig
@@ -109,7 +109,7 @@ def _column_types(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
 )
 @option(
     "--max-message-bytes",
-    type=click.IntRange(min=128),
+    type=Size(minimum=128),
     default=MAX_MESSAGE_BYTES,
     envvar=env("MAX_MESSAGE_BYTES"),
     help="Largest message: a row whose message is larger is skipped and counted (the embedded broker enforces it too).",

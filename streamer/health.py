@@ -4,6 +4,9 @@ workers' metrics. (With the embedded broker, its HTTP serves these, with the bro
     GET /healthz   200 while the streamer runs (also while it drains)
     GET /readyz    200 while streaming, 503 from the moment a drain begins
     GET /metrics   the workers' counters, Prometheus text format
+    GET /stats     {"workers": {index: {pid, running, restarts, given_up, sent, published,
+                   unacknowledged, lost_by_broker, skipped}}} (the same object as the embedded
+                   broker's /stats shows)
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ class WorkerCollector:
         published = CounterMetricFamily("telemetry_worker_published", "Messages the broker acknowledged to a worker", labels=["worker"])
         unacked = GaugeMetricFamily("telemetry_worker_unacknowledged", "Messages a worker holds unacknowledged", labels=["worker"])
         restarts = CounterMetricFamily("telemetry_worker_restarts", "Times a worker process was restarted", labels=["worker"])
+        lost = CounterMetricFamily(
+            "telemetry_worker_lost_by_broker", "Messages acknowledged to a worker that the broker later no longer had", labels=["worker"]
+        )
         skipped = CounterMetricFamily("telemetry_worker_rows_skipped", "CSV rows a worker skipped, by reason", labels=["worker", "reason"])
         for slot in self.supervisor.slots:
             label = [str(slot.index)]
@@ -36,9 +42,10 @@ class WorkerCollector:
             published.add_metric(label, slot.published)
             unacked.add_metric(label, slot.status.get("unacked", 0))
             restarts.add_metric(label, slot.restarts)
+            lost.add_metric(label, slot.lost_by_broker)
             for reason, count in slot.skipped.items():
                 skipped.add_metric([*label, reason], count)
-        yield from (sent, published, unacked, restarts, skipped)
+        yield from (sent, published, unacked, restarts, lost, skipped)
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -51,6 +58,10 @@ async def _readyz(request: web.Request) -> web.Response:
     return json_response({"status": "ready"})
 
 
+async def _stats(request: web.Request) -> web.Response:
+    return json_response({"workers": request.app[SUPERVISOR].worker_stats()})
+
+
 async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(request.app[SUPERVISOR].registry), headers={"Content-Type": CONTENT_TYPE})
 
@@ -61,6 +72,7 @@ async def start_health(supervisor, host: str, port: int) -> tuple[web.AppRunner,
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/stats", _stats)
     return await serve_app(app, host, port)
 
 

@@ -51,6 +51,7 @@ class WorkerSlot:
     exited: asyncio.Event = field(default_factory=asyncio.Event)
 
     sent_before: int = 0
+    lost_before: int = 0
     skipped_before: dict = field(default_factory=dict)
 
     @property
@@ -71,6 +72,25 @@ class WorkerSlot:
     @property
     def unacked(self) -> int:
         return self.unacked_before + self.status.get("unacked", 0)
+
+    @property
+    def lost_by_broker(self) -> int:
+        return self.lost_before + self.status.get("lost_by_broker", 0)
+
+    def stats(self) -> dict:
+        """This worker in /stats: its counts over every process that filled the slot."""
+        running = self.process is not None and not self.exited.is_set()
+        return {
+            "pid": self.process.pid if running else None,
+            "running": running,
+            "restarts": self.restarts,
+            "given_up": self.given_up,
+            "sent": self.sent,
+            "published": self.published,
+            "unacknowledged": self.unacked,
+            "lost_by_broker": self.lost_by_broker,
+            "skipped": self.skipped,
+        }
 
 
 class Supervisor:
@@ -116,6 +136,7 @@ class Supervisor:
             await self.broker.start()  # raises BrokerStartError before any worker exists
             self._worker_cfg = replace(cfg.worker, broker_url=self.broker.zmq_url)
             self.broker.metrics.registry.register(health.WorkerCollector(self))  # one scrape: broker and workers
+            self.broker.workers_stats = (self._worker_cfg.topic, self.worker_stats)  # and one /stats
         else:
             try:
                 self._health, url = await health.start_health(self, cfg.http_host, cfg.http_port)
@@ -127,6 +148,9 @@ class Supervisor:
         log.info("Starting %d workers, %s, topic %r, broker %s", cfg.workers, rate, w.topic, w.broker_url)
         for slot in self.slots:
             self._spawn(slot)
+
+    def worker_stats(self) -> dict:
+        return {str(slot.index): slot.stats() for slot in self.slots}
 
     def _spawn(self, slot: WorkerSlot) -> None:
         receiver, sender = self._mp.Pipe(duplex=False)
@@ -161,6 +185,7 @@ class Supervisor:
         slot.published_before += slot.status.get("published", 0)
         slot.unacked_before += slot.status.get("unacked", 0)
         slot.sent_before += slot.status.get("sent", 0)
+        slot.lost_before += slot.status.get("lost_by_broker", 0)
         slot.skipped_before = slot.skipped
         slot.status = {}
         now = time.monotonic()
@@ -226,6 +251,9 @@ class Supervisor:
         summary = f"Drained: published={published} ({per_worker}) unacknowledged={unacked}"
         if accepted is not None:
             summary += f" broker_accepted={accepted}"
+        lost = sum(s.lost_by_broker for s in self.slots)
+        if lost:  # acknowledged, then lost by the broker (its log cut back); see broker.client.Publisher
+            summary += f" broker_lost={lost}"
         if forced:
             summary = "Forced exit: " + summary.removeprefix("Drained: ")
         log.info("%s", summary)

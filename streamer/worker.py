@@ -5,7 +5,7 @@ The per-message path is `Envelope.batch` (one clock read and one format per mess
 else here happens per batch or per pass.
 
 The parent receives a status dict over a pipe about once a second and once more at exit:
-{"sent", "published", "unacked", "rejected", "skipped", "passes", "final"}.
+{"sent", "published", "unacked", "rejected", "lost_by_broker", "skipped", "passes", "final"}.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from multiprocessing.connection import Connection
 
 from broker.client import Publisher
 from broker.logs import setup_logging
+from broker.protocol import BATCH_BYTES
 
 from .config import WorkerConfig
 from .csvsource import CsvError, CsvSource
@@ -119,7 +120,11 @@ class Worker:
             retry = RETRY_MIN_S
             if limit:
                 await limit.acquire(len(batch))
-            await publisher.publish(envelope.batch(batch), len(batch))
+            body = envelope.batch(batch)
+            if len(body) > BATCH_BYTES and len(batch) > 1:  # large rows: stay well inside the broker's frame cap
+                await self._publish_split(batch, envelope)
+            else:
+                await publisher.publish(body, len(batch))
             self.sent += len(batch)
             await asyncio.sleep(0)  # sends that complete at once never yield: let acks and signals in
 
@@ -130,6 +135,15 @@ class Worker:
             if now - last_progress >= PROGRESS_INTERVAL_S:
                 log.info("%s: Processed %d records (%.1f/s)", self.label, self.sent, (self.sent - logged_sent) / (now - last_progress))
                 last_progress, logged_sent = now, self.sent
+
+    async def _publish_split(self, rows: list[bytes], envelope: Envelope) -> None:
+        half = len(rows) // 2
+        for part in (rows[:half], rows[half:]):
+            body = envelope.batch(part)
+            if len(body) > BATCH_BYTES and len(part) > 1:
+                await self._publish_split(part, envelope)
+            else:
+                await self.publisher.publish(body, len(part))
 
     async def _report_periodically(self) -> None:
         while True:
@@ -152,6 +166,7 @@ class Worker:
             "published": self.publisher.published,
             "unacked": self.publisher.unacked,
             "rejected": self.publisher.rejected,
+            "lost_by_broker": self.publisher.lost_by_broker,
             "skipped": dict(self.source.skipped),
             "passes": self.source.passes,
             "final": final,

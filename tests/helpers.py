@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -12,6 +13,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+
+import orjson
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -113,6 +116,31 @@ def start_broker(*args: str) -> tuple[Proc, str, str]:
     return proc, match.group(1).rstrip(","), match.group(2)
 
 
+PRODUCER = b"\x01" * 16  # a fixed producer id for tests that speak the protocol by hand
+
+
+def dealer_socket(context, zmq_url: str, timeout_ms: int = 10_000):
+    """A blocking DEALER connected to the broker, replies awaited at most `timeout_ms`."""
+    import zmq
+
+    dealer = context.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.RCVTIMEO, timeout_ms)
+    dealer.connect(zmq_url)
+    return dealer
+
+
+def publish(dealer, first_seq: int, values, topic: bytes = b"telemetry", producer: bytes = PRODUCER) -> list[bytes]:
+    """Send one PUBLISH of {"v": value} messages and return the broker's reply frames."""
+    import orjson
+
+    from broker import protocol as p
+
+    body = b"\n".join(orjson.dumps({"v": v}) for v in values)
+    dealer.send_multipart(p.publish_frames(topic, producer, first_seq, len(values), body))
+    return dealer.recv_multipart()
+
+
 def children_of(pid: int) -> list[int]:
     """Live child processes of pid (Linux /proc)."""
     try:
@@ -137,3 +165,21 @@ def summary(output: str) -> dict:
     figures["workers"] = {int(k): int(v) for k, v in re.findall(r"worker (\d+)=(\d+)", line)}
     figures["line"] = line
     return figures
+
+
+def dump(directory, *args) -> list[dict]:
+    result = subprocess.run([sys.executable, "-m", "broker", "dump", f"--persistence-dir={directory}", *args], cwd=ROOT, capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr.decode()
+    return [orjson.loads(line) for line in result.stdout.splitlines()]
+
+
+def assert_contiguous(records: list[dict]) -> dict[str, list[int]]:
+    """Offsets contiguous from the first; each producer's sequence numbers contiguous, no duplicates."""
+    offsets = [r["offset"] for r in records]
+    assert offsets == list(range(offsets[0], offsets[0] + len(offsets)))
+    seqs = collections.defaultdict(list)
+    for r in records:
+        seqs[r["producer"]].append(r["seq"])
+    for producer, numbers in seqs.items():
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), producer
+    return seqs

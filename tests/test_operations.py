@@ -90,8 +90,14 @@ def test_one_scrape_shows_broker_and_workers(procs, tmp_path):
     path.write_bytes(b"gpu_id,active\n0,true\n1\n2,false\n")
     proc, http = start_streamer(str(path), "--workers=2", "--rate=100")
     procs.append(proc)
-    wait_until(lambda: scrape(http).get(("telemetry_worker_rows_skipped_total", (("reason", "field_count"), ("worker", "1")))), message="worker metrics")
-    metrics = scrape(http)
+    metrics = wait_until(
+        lambda: (
+            (m := scrape(http)).get(("telemetry_worker_rows_skipped_total", (("reason", "field_count"), ("worker", "1"))))
+            and m.get(("telemetry_worker_published_total", (("worker", "0"),)))
+            and m
+        ),
+        message="both workers' metrics",
+    )
     assert metrics[("telemetry_messages_accepted_total", (("topic", "telemetry"),))] > 0
     assert metrics[("telemetry_worker_restarts_total", (("worker", "0"),))] == 0
     assert metrics[("telemetry_worker_published_total", (("worker", "0"),))] > 0
