@@ -40,8 +40,10 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+
+from .protocol import message_count
 
 log = logging.getLogger("broker.log")
 
@@ -96,7 +98,7 @@ def read_batch(f, position: int, *, verify: bool = True) -> Batch | None:
         return None
     if verify and zlib.crc32(payload, zlib.crc32(header[_CRC_FROM:])) != crc:
         return None
-    if verify and payload.count(b"\n") + 1 != count:
+    if verify and message_count(payload) != count:
         return None
     return Batch(position, base_offset, count, producer, base_seq, received, payload)
 
@@ -187,6 +189,9 @@ class TopicLog:
         self.dirty = False  # written since the last fsync
         self.error: str | None = None  # the last write error, until a write succeeds
         self.producers: dict[bytes, int] = {}  # producer id -> next sequence number, from the log
+        # runs blocking housekeeping (a rolled segment's fsync, retention's unlinks) off the
+        # caller's thread; the broker sets it to its event loop's executor. None: run inline.
+        self.background: Callable[[Callable[[], None]], object] | None = None
 
     # -- recovery ------------------------------------------------------------------------------
 
@@ -279,17 +284,34 @@ class TopicLog:
         """Close the active segment and start the next; if any step fails, the old one stays
         active and whole, and the next append tries again."""
         old = self.active
-        if self.fsync != "never":
+        if self.fsync == "always":  # before the burst's acknowledgments, which sync only the new segment
             os.fsync(old.fd)
         os.ftruncate(old.fd, old.size)  # drop the remains of a torn write past the end, if any
         seg = Segment(self.directory, old.next_offset)
         seg.open()
-        old.close()
+        if self.fsync == "interval":  # its tail is synced off the event loop (an fsync of up to a segment takes tens of ms)
+            self._later(lambda: self._sync_and_close(old))
+        else:
+            old.close()
         self.segments.append(old.base_offset)
         self.sizes[old.base_offset] = old.size
         self.active = seg
         self.enforce_retention()
         return seg
+
+    def _sync_and_close(self, segment: Segment) -> None:
+        try:
+            os.fsync(segment.fd)
+        except OSError as exc:
+            log.error("Log %s: fsync of segment %d failed: %s", self.directory, segment.base_offset, exc.strerror)
+        finally:
+            segment.close()
+
+    def _later(self, work: Callable[[], None]) -> None:
+        if self.background is None:
+            work()
+        else:
+            self.background(work)
 
     def sync_due(self) -> bool:
         """Whether the fsync policy wants an fsync before the next acknowledgments go out."""
@@ -323,14 +345,19 @@ class TopicLog:
                 too_old = True
             if not (too_big or too_old):
                 break
-            for suffix in (SEGMENT_SUFFIX, INDEX_SUFFIX):
-                try:
-                    os.unlink(os.path.join(self.directory, segment_name(base) + suffix))
-                except FileNotFoundError:
-                    pass
+            self._later(lambda base=base: self._delete(base))  # unlinking 64 MiB takes milliseconds
             self.segments.pop(0)
             self.sizes.pop(base, None)
             log.info("Log %s: deleted segment %d (%s)", self.directory, base, "retention bytes" if too_big else "retention age")
+
+    def _delete(self, base: int) -> None:
+        for suffix in (SEGMENT_SUFFIX, INDEX_SUFFIX):
+            try:
+                os.unlink(os.path.join(self.directory, segment_name(base) + suffix))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.error("Log %s: cannot delete segment %d: %s", self.directory, base, exc.strerror)
 
     # -- stats and close -----------------------------------------------------------------------
 

@@ -13,6 +13,8 @@ import itertools
 import logging
 import os
 import resource
+import shutil
+import tempfile
 import time
 from collections import Counter
 
@@ -73,7 +75,12 @@ class Broker:
         self._tasks: list[asyncio.Task] = []
         self._logged_at: dict[str, float] = {}  # bounded-rate warnings, by kind
         self._monitor: zmq.asyncio.Socket | None = None
-        self._replies: list[tuple[bytes, Topic | None, list[bytes]]] = []  # sent once the burst is durable
+        self._ipc_dir: str | None = None
+        # a burst's replies, sent once it is durable: [identity, topic, frames, ack]; an ACK is kept
+        # as [producer, first seq, count, first offset] so that the next batch of the same producer
+        # can join it (one ACK per producer per burst instead of one per batch)
+        self._replies: list[list] = []
+        self._last_reply: dict[bytes, list] = {}  # by identity, within the burst
         self._acked_in_burst = False
         self._fanout: list[tuple[Topic, Span]] = []  # delivered to live subscribers once the burst is durable
         self._replays: dict[bytes, asyncio.Task] = {}
@@ -131,6 +138,18 @@ class Broker:
             cfg.topics[0] if cfg.topics else "<topic>",
         )
 
+    def local_endpoint(self) -> str:
+        """An extra endpoint for producers on this machine: a Unix socket (ipc://) in a private
+        directory, removed at close; the TCP endpoint where ipc:// is unavailable."""
+        try:
+            self._ipc_dir = tempfile.mkdtemp(prefix="telemetry-broker-")
+            url = f"ipc://{self._ipc_dir}/zmq.sock"
+            self._router.bind(url)
+        except (OSError, zmq.ZMQError) as exc:
+            log.debug("Broker: no ipc:// endpoint (%s); local producers use %s", exc, self.zmq_url)
+            return self.zmq_url
+        return url
+
     # -- serve ---------------------------------------------------------------------------------
 
     async def _receive(self) -> None:
@@ -165,20 +184,21 @@ class Broker:
         An acknowledgment whose batch could not be synced becomes a NACK "unavailable": the
         producer resends, and the resend is acknowledged as a duplicate once the log is well."""
         replies, self._replies = self._replies, []
+        self._last_reply.clear()
         failed: set[int] = set()
-        for topic in {id(t): t for _, t, _ in replies if t is not None and t.log is not None}.values():
+        for topic in {id(t): t for _, t, _, _ in replies if t is not None and t.log is not None}.values():
             if topic.log.fsync == "always" and topic.log.dirty:
                 try:
                     with self.metrics.fsync_seconds.time():
                         topic.log.sync()
                 except LogUnavailable:
                     failed.add(id(topic))
-        for identity, topic, frames in replies:
-            if topic is not None and frames[1] == p.ACK:
+        for identity, topic, frames, ack in replies:
+            if ack is not None:
                 if id(topic) in failed:
-                    producer_id, first_seq, count, _ = p.ACK_BODY.unpack(frames[2])
-                    frames = p.nack_frames(producer_id, first_seq, count, p.NACK_UNAVAILABLE, f"log fsync failed: {topic.log.error}")
+                    frames = p.nack_frames(*ack[:3], p.NACK_UNAVAILABLE, f"log fsync failed: {topic.log.error}")
                 else:
+                    frames = p.ack_frames(*ack)
                     topic.acks += 1
             self._send(identity, frames)
         fanout, self._fanout = self._fanout, []
@@ -456,7 +476,7 @@ class Broker:
         reason = None
         if topic is None:
             reason = "bad_topic"
-        elif count < 1 or body.count(p.SEPARATOR) + 1 != count:
+        elif count < 1 or p.message_count(body) != count:
             reason = "count_mismatch"
         elif len(body) > self.config.max_message_bytes and max(map(len, body.split(p.SEPARATOR))) > self.config.max_message_bytes:
             reason = "message_too_large"
@@ -464,20 +484,29 @@ class Broker:
             if topic is not None:
                 topic.rejected[reason] += count
             self._bad_frame(reason)
-            self._replies.append((identity, topic, p.nack_frames(producer_id, first_seq, count, p.NACK_INVALID, reason)))
+            self._reply(identity, topic, p.nack_frames(producer_id, first_seq, count, p.NACK_INVALID, reason))
             return
         try:
             span = topic.append(producer_id, first_seq, count, body)
         except SequenceGap as gap:
-            reply = p.nack_frames(producer_id, first_seq, count, p.NACK_SEQUENCE, "sequence gap", gap.expected)
+            self._reply(identity, topic, p.nack_frames(producer_id, first_seq, count, p.NACK_SEQUENCE, "sequence gap", gap.expected))
         except LogUnavailable as exc:
-            reply = p.nack_frames(producer_id, first_seq, count, p.NACK_UNAVAILABLE, f"log write failed: {exc}")
+            self._reply(identity, topic, p.nack_frames(producer_id, first_seq, count, p.NACK_UNAVAILABLE, f"log write failed: {exc}"))
         else:
-            reply = p.ack_frames(producer_id, first_seq, count, span.first_offset)
             self._acked_in_burst = True
             if span.count and topic.subscribers:
                 self._fanout.append((topic, span))
-        self._replies.append((identity, topic, reply))
+            last = self._last_reply.get(identity)
+            ack = last[3] if last is not None and last[1] is topic else None
+            if ack is not None and ack[0] == producer_id and ack[1] + ack[2] == first_seq and (ack[3] == p.DUPLICATE) == (span.first_offset == p.DUPLICATE):
+                ack[2] += count  # the same producer's next batch: one ACK covers both
+            else:
+                self._reply(identity, topic, None, [producer_id, first_seq, count, span.first_offset])
+
+    def _reply(self, identity: bytes, topic: Topic | None, frames: list[bytes] | None, ack: list | None = None) -> None:
+        entry = [identity, topic, frames, ack]
+        self._replies.append(entry)
+        self._last_reply[identity] = entry
 
     def _report(self, topic_name: bytes, producer_id: bytes, report: bytes) -> None:
         topic = self._topic(topic_name)
@@ -520,8 +549,14 @@ class Broker:
                 retention_age_s=persistence.retention_age_s,
             )
             topic_log.open()
+            topic_log.background = self._in_thread
         topic = self.topics[name] = Topic(name, topic_log)
         return topic
+
+    @staticmethod
+    def _in_thread(work) -> None:
+        """Blocking housekeeping of a log, run in the event loop's default executor."""
+        asyncio.get_running_loop().run_in_executor(None, work)
 
     def _open_topics(self) -> None:
         """The configured topics, and every topic already in the persistence directory."""
@@ -677,6 +712,9 @@ class Broker:
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
+        if self._ipc_dir is not None:
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
+            self._ipc_dir = None
         for topic in self.topics.values():
             for group in topic.groups.values():
                 group.save(force=True)

@@ -18,7 +18,7 @@ class WorkerConfig:
     column_types: dict[str, str] = field(default_factory=dict)
     shutdown_timeout: float = 10.0
     buffer_messages: int = 100_000  # unacknowledged messages held before reading pauses
-    batch_messages: int = 1000  # largest batch sent in one frame
+    batch_messages: int = 4000  # largest batch sent in one frame
     max_message_bytes: int = 1 << 20  # rows whose message is larger are skipped and counted
     log_level: str = "info"
     log_format: str = "text"

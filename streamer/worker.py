@@ -22,7 +22,7 @@ from multiprocessing.connection import Connection
 
 from broker.client import Publisher
 from broker.logs import setup_logging
-from broker.protocol import BATCH_BYTES
+from broker.protocol import batch_bytes
 
 from .config import WorkerConfig
 from .csvsource import CsvError, CsvSource
@@ -103,7 +103,10 @@ class Worker:
     async def _produce(self) -> None:
         cfg, source, publisher = self.cfg, self.source, self.publisher
         limit = RateLimit(cfg.rate, cfg.batch_messages) if cfg.rate > 0 else None
-        chunk = limit.chunk if limit else cfg.batch_messages
+        chunk = base_chunk = limit.chunk if limit else cfg.batch_messages
+        # a batch body stays within the message cap (so the broker's size check never has to
+        # split it) and well inside the frame cap; large rows shrink the batches that follow
+        self._batch_bytes = batch_bytes(cfg.max_message_bytes)
         envelope = Envelope()
         retry = RETRY_MIN_S
         last_progress = last_pass_log = time.monotonic()
@@ -121,9 +124,12 @@ class Worker:
             if limit:
                 await limit.acquire(len(batch))
             body = envelope.batch(batch)
-            if len(body) > BATCH_BYTES and len(batch) > 1:  # large rows: stay well inside the broker's frame cap
+            if len(body) > self._batch_bytes and len(batch) > 1:
+                chunk = max(1, len(batch) * self._batch_bytes * 9 // (len(body) * 10))
                 await self._publish_split(batch, envelope)
             else:
+                if chunk < base_chunk and len(body) * 2 < self._batch_bytes:  # rows got smaller again
+                    chunk = min(base_chunk, chunk * 2)
                 await publisher.publish(body, len(batch))
             self.sent += len(batch)
             await asyncio.sleep(0)  # sends that complete at once never yield: let acks and signals in
@@ -140,7 +146,7 @@ class Worker:
         half = len(rows) // 2
         for part in (rows[:half], rows[half:]):
             body = envelope.batch(part)
-            if len(body) > BATCH_BYTES and len(part) > 1:
+            if len(body) > self._batch_bytes and len(part) > 1:
                 await self._publish_split(part, envelope)
             else:
                 await self.publisher.publish(body, len(part))

@@ -11,7 +11,10 @@ from helpers import ROOT, Proc, assert_contiguous, dump, get_json, start_broker,
 def test_round_trip_stream_drain_dump(procs, sample_csv, tmp_path):
     proc, http = start_streamer(sample_csv, "--workers=2", "--rate=0", "--persistence", f"--persistence-dir={tmp_path}", "--segment-bytes=1MiB")
     procs.append(proc)
-    wait_until(lambda: get_json(f"{http}/stats/telemetry")[1]["messages"] >= 30_000, message="30,000 messages")
+    wait_until(
+        lambda: (s := get_json(f"{http}/stats/telemetry")[1])["messages"] >= 30_000 and len(s["producers"]) == 2,
+        message="30,000 messages, from both workers",
+    )
     stats = get_json(f"{http}/stats/telemetry")[1]["persistence"]
     assert stats["directory"] == str(tmp_path / "telemetry") and stats["fsync"] == "interval" and stats["segments"] >= 1
     proc.signal(signal.SIGTERM)
