@@ -14,6 +14,7 @@ import logging
 import os
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -139,11 +140,17 @@ class Broker:
         )
 
     def local_endpoint(self) -> str:
-        """An extra endpoint for producers on this machine: a Unix socket (ipc://) in a private
-        directory, removed at close; the TCP endpoint where ipc:// is unavailable."""
+        """An extra endpoint for producers on this machine: a Unix socket (ipc://), in Linux's
+        abstract namespace (no file, so nothing is left behind even after kill -9; reachable by
+        local processes, as the TCP port on 127.0.0.1 is), elsewhere in a private directory
+        removed at close; the TCP endpoint where ipc:// is unavailable."""
+        name = f"telemetry-broker-{os.getpid()}-{os.urandom(4).hex()}"
         try:
-            self._ipc_dir = tempfile.mkdtemp(prefix="telemetry-broker-")
-            url = f"ipc://{self._ipc_dir}/zmq.sock"
+            if sys.platform.startswith("linux"):
+                url = f"ipc://@{name}"
+            else:
+                self._ipc_dir = tempfile.mkdtemp(prefix="telemetry-broker-")
+                url = f"ipc://{self._ipc_dir}/zmq.sock"
             self._router.bind(url)
         except (OSError, zmq.ZMQError) as exc:
             log.debug("Broker: no ipc:// endpoint (%s); local producers use %s", exc, self.zmq_url)

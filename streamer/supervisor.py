@@ -134,7 +134,7 @@ class Supervisor:
         if cfg.broker is not None:
             self.broker = Broker(cfg.broker)
             await self.broker.start()  # raises BrokerStartError before any worker exists
-            # the workers reach the embedded broker over a private Unix socket: ~10% more messages
+            # the workers reach the embedded broker over a Unix socket: ~5-10% more messages
             # per CPU second than TCP loopback (measured, see the README's Benchmarks)
             self._worker_cfg = replace(cfg.worker, broker_url=self.broker.local_endpoint())
             self.broker.metrics.registry.register(health.WorkerCollector(self))  # one scrape: broker and workers

@@ -53,6 +53,7 @@ def test_unthrottled_two_workers_drain_exactly(procs, sample_csv):
     assert figures["published"] == figures["broker_accepted"] >= 20_000
     assert all(count > 0 for count in figures["workers"].values())
     assert "Reached end of CSV, restarting from beginning" in proc.output
+    assert "broker ipc://" in proc.output  # the embedded broker's workers use the Unix socket
 
 
 def test_workers_die_with_a_killed_parent(procs, sample_csv):
