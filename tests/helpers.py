@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import re
@@ -128,6 +129,23 @@ def dealer_socket(context, zmq_url: str, timeout_ms: int = 10_000):
     dealer.setsockopt(zmq.RCVTIMEO, timeout_ms)
     dealer.connect(zmq_url)
     return dealer
+
+
+@contextlib.contextmanager
+def broker_and_dealer(procs: list, *args: str):
+    """A standalone broker (killed by the `procs` fixture) and a DEALER connected to it:
+    yields (broker Proc, dealer, HTTP URL, ZeroMQ URL)."""
+    import zmq
+
+    proc, zmq_url, http = start_broker(*args)
+    procs.append(proc)
+    ctx = zmq.Context()
+    dealer = dealer_socket(ctx, zmq_url)
+    try:
+        yield proc, dealer, http, zmq_url
+    finally:
+        dealer.close()
+        ctx.term()
 
 
 def publish(dealer, first_seq: int, values, topic: bytes = b"telemetry", producer: bytes = PRODUCER) -> list[bytes]:

@@ -4,21 +4,15 @@ import signal
 
 import orjson
 import pytest
-import zmq
-from helpers import PRODUCER, dealer_socket, get_json, publish, start_broker, wait_until
+from helpers import PRODUCER, broker_and_dealer, get_json, publish, wait_until
 
 from broker import protocol as p
 
 
 @pytest.fixture
 def broker(procs):
-    proc, zmq_url, http = start_broker()
-    procs.append(proc)
-    ctx = zmq.Context()
-    dealer = dealer_socket(ctx, zmq_url)
-    yield proc, dealer, http, zmq_url
-    dealer.close()
-    ctx.term()
+    with broker_and_dealer(procs) as started:
+        yield started
 
 
 def test_acks_duplicates_and_gaps(broker):

@@ -6,20 +6,15 @@ import socket
 
 import pytest
 import zmq
-from helpers import PRODUCER, dealer_socket, get_json, publish, start_broker, wait_until
+from helpers import PRODUCER, broker_and_dealer, dealer_socket, get_json, publish, start_broker, wait_until
 
 from broker import protocol as p
 
 
 @pytest.fixture
 def broker(procs):
-    proc, zmq_url, http = start_broker("--max-message-bytes=1KiB")
-    procs.append(proc)
-    ctx = zmq.Context()
-    dealer = dealer_socket(ctx, zmq_url)
-    yield proc, dealer, http, zmq_url
-    dealer.close()
-    ctx.term()
+    with broker_and_dealer(procs, "--max-message-bytes=1KiB") as started:
+        yield started
 
 
 def acked(reply: list[bytes]) -> tuple:
