@@ -54,6 +54,37 @@ def _dealer(context: zmq.asyncio.Context, url: str, **options: int) -> zmq.async
     return sock
 
 
+class _Client:
+    """What every client shares: one DEALER to the broker, on a context of its own unless given one."""
+
+    def __init__(self, url: str, context: zmq.asyncio.Context | None):
+        self.url = url
+        self._ctx = context
+        self._own_ctx = context is None
+        self._sock: zmq.asyncio.Socket | None = None
+
+    def _connect(self, **options: int) -> zmq.asyncio.Socket:
+        if self._ctx is None:
+            self._ctx = zmq.asyncio.Context()
+        self._sock = _dealer(self._ctx, self.url, **options)
+        return self._sock
+
+    async def _disconnect(self, farewell: list[bytes] | None = None, linger: int | None = None) -> None:
+        """Send `farewell` if it can go at once, close the socket (with `linger` ms, or the socket's
+        own LINGER), and the context if it is this client's own."""
+        if self._sock is not None:
+            if farewell is not None:
+                try:
+                    await self._sock.send_multipart(farewell, flags=zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+            self._sock.close(linger=linger)
+            self._sock = None
+        if self._own_ctx and self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+
 class _Batch:
     __slots__ = ("first_seq", "count", "body", "sent_at")
 
@@ -64,7 +95,7 @@ class _Batch:
         self.sent_at = sent_at
 
 
-class Publisher:
+class Publisher(_Client):
     def __init__(
         self,
         url: str,
@@ -77,7 +108,7 @@ class Publisher:
     ):
         if not p.valid_topic(topic):
             raise ValueError(f"invalid topic name {topic!r}")
-        self.url = url
+        super().__init__(url, context)
         self.topic = topic
         self.window = window
         self.window_bytes = window_bytes
@@ -93,9 +124,6 @@ class Publisher:
         self._inflight_messages = 0
         self._inflight_bytes = 0
         self._changed = asyncio.Event()  # set whenever acknowledgments free room
-        self._ctx = context
-        self._own_ctx = context is None
-        self._sock: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task] = []
         self._resend_interval = ack_timeout
         self._last_gap: tuple[int, float] = (-1, 0.0)
@@ -105,9 +133,7 @@ class Publisher:
         return self._inflight_messages
 
     async def start(self) -> None:
-        if self._ctx is None:
-            self._ctx = zmq.asyncio.Context()
-        self._sock = _dealer(self._ctx, self.url, LINGER=0, SNDHWM=1000, RCVHWM=10_000)
+        self._connect(LINGER=0, SNDHWM=1000, RCVHWM=10_000)
         self._tasks = [asyncio.create_task(self._receive_acks()), asyncio.create_task(self._resend_overdue())]
 
     # -- the hot path --------------------------------------------------------------------------
@@ -242,15 +268,10 @@ class Publisher:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
-        if self._own_ctx and self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None
+        await self._disconnect()
 
 
-class Subscriber:
+class Subscriber(_Client):
     """Receives a topic's messages in offset order: a replay from where you ask, then live.
 
         sub = Subscriber("tcp://127.0.0.1:5555", "telemetry", from_offset=0)
@@ -278,7 +299,7 @@ class Subscriber:
     ):
         if not p.valid_topic(topic):
             raise ValueError(f"invalid topic name {topic!r}")
-        self.url = url
+        super().__init__(url, context)
         self.topic = topic
         self.queue = queue  # batches the broker may send ahead of what this subscriber consumed (its credit)
         self._consumed = 0  # batches consumed since credit was last granted
@@ -292,14 +313,9 @@ class Subscriber:
         else:
             self._start = (p.FROM_BEGINNING if from_beginning else p.FROM_LIVE, 0)
         self.resubscribe_s = resubscribe_s
-        self._ctx = context
-        self._own_ctx = context is None
-        self._sock: zmq.asyncio.Socket | None = None
 
     async def start(self) -> None:
-        if self._ctx is None:
-            self._ctx = zmq.asyncio.Context()
-        self._sock = _dealer(self._ctx, self.url, LINGER=0, RCVHWM=1000)
+        self._connect(LINGER=0, RCVHWM=1000)
         await self._subscribe()
 
     async def _subscribe(self) -> None:
@@ -338,16 +354,7 @@ class Subscriber:
                 yield first + i, message
 
     async def close(self) -> None:
-        if self._sock is not None:
-            try:
-                await self._sock.send_multipart([p.SIGNATURE, p.UNSUBSCRIBE, self.topic.encode()], flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
-            self._sock.close(linger=100)
-            self._sock = None
-        if self._own_ctx and self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None
+        await self._disconnect([p.SIGNATURE, p.UNSUBSCRIBE, self.topic.encode()], linger=100)
 
 
 class _Blocking:
@@ -396,7 +403,7 @@ class Message(NamedTuple):
     received_ns: int
 
 
-class Consumer:
+class Consumer(_Client):
     """A member of a consumer group: acknowledged, at-least-once consumption.
 
         consumer = Consumer("tcp://127.0.0.1:5555", "telemetry", "billing")
@@ -412,20 +419,15 @@ class Consumer:
     def __init__(self, url: str, topic: str, group: str, *, credit: int = 100, rejoin_s: float = 5.0, context: zmq.asyncio.Context | None = None):
         if not p.valid_topic(topic) or not p.valid_topic(group):
             raise ValueError(f"invalid topic or group name: {topic!r}, {group!r}")
-        self.url = url
+        super().__init__(url, context)
         self.topic = topic
         self.group = group
         self.credit = credit
         self.rejoin_s = rejoin_s
         self._names = (topic.encode(), group.encode())
-        self._ctx = context
-        self._own_ctx = context is None
-        self._sock: zmq.asyncio.Socket | None = None
 
     async def start(self) -> None:
-        if self._ctx is None:
-            self._ctx = zmq.asyncio.Context()
-        sock = self._sock = _dealer(self._ctx, self.url, LINGER=1000)  # acknowledgments queued at close still go
+        sock = self._connect(LINGER=1000)  # acknowledgments queued at close still go
         await sock.send_multipart(p.consume_frames(*self._names, self.credit))
 
     async def __aiter__(self):
@@ -444,16 +446,7 @@ class Consumer:
             await self._sock.send_multipart(p.group_ack_frames(*self._names, list(offsets)))
 
     async def close(self) -> None:
-        if self._sock is not None:
-            try:
-                await self._sock.send_multipart([p.SIGNATURE, p.LEAVE, *self._names], flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
-            self._sock.close()
-            self._sock = None
-        if self._own_ctx and self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None
+        await self._disconnect([p.SIGNATURE, p.LEAVE, *self._names])
 
 
 class BlockingConsumer(_Blocking):

@@ -89,7 +89,9 @@ def persistence_options(env_prefix: str):
     decorators = [
         option("--persistence", is_flag=True, envvar=env_prefix + "PERSISTENCE", help="Keep each topic in a disk-persisted log."),
         option("--persistence-dir", default="/tmp/mq-data", envvar=env_prefix + "PERSISTENCE_DIR", help="Where the logs live (one directory per topic)."),
-        option("--segment-bytes", type=Size(), default="64MiB", envvar=env_prefix + "SEGMENT_BYTES", help="Roll to a new segment file at this size."),
+        option(
+            "--segment-bytes", type=Size(minimum=4096), default="64MiB", envvar=env_prefix + "SEGMENT_BYTES", help="Roll to a new segment file at this size."
+        ),
         option(
             "--fsync",
             type=click.Choice(FSYNC_POLICIES),
@@ -114,8 +116,6 @@ def persistence_options(env_prefix: str):
 def persistence_config(persistence, persistence_dir, segment_bytes, fsync, fsync_interval_ms, retention_bytes, retention_age) -> PersistenceConfig | None:
     if not persistence:
         return None
-    if segment_bytes < 4096:
-        raise click.BadParameter("must be at least 4096 bytes", param_hint="'--segment-bytes'")
     return PersistenceConfig(
         directory=persistence_dir,
         segment_bytes=segment_bytes,

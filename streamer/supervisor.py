@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 
 from broker.server import Broker, BrokerStartError
@@ -43,39 +44,33 @@ class WorkerSlot:
     process: multiprocessing.process.BaseProcess | None = None
     conn: object = None
     status: dict = field(default_factory=dict)  # latest status from the current process
-    published_before: int = 0  # published by earlier processes of this slot
-    unacked_before: int = 0
+    before: Counter = field(default_factory=Counter)  # COUNTS of earlier processes of this slot
+    skipped_before: Counter = field(default_factory=Counter)
     restarts: int = 0
     restart_times: list = field(default_factory=list)
     given_up: bool = False
     exited: asyncio.Event = field(default_factory=asyncio.Event)
 
-    sent_before: int = 0
-    lost_before: int = 0
-    skipped_before: dict = field(default_factory=dict)
+    COUNTS = ("sent", "published", "unacked", "lost_by_broker")  # status counts summed over the slot's processes
 
-    @property
-    def published(self) -> int:
-        return self.published_before + self.status.get("published", 0)
+    def total(self, key: str) -> int:
+        return self.before[key] + self.status.get(key, 0)
 
-    @property
-    def sent(self) -> int:
-        return self.sent_before + self.status.get("sent", 0)
+    def retire(self) -> None:
+        """The current process has exited: keep its counts, forget its status."""
+        for key in self.COUNTS:
+            self.before[key] += self.status.get(key, 0)
+        self.skipped_before.update(self.status.get("skipped", {}))
+        self.status = {}
+
+    published = property(lambda self: self.total("published"))
+    sent = property(lambda self: self.total("sent"))
+    unacked = property(lambda self: self.total("unacked"))
+    lost_by_broker = property(lambda self: self.total("lost_by_broker"))
 
     @property
     def skipped(self) -> dict:
-        total = dict(self.skipped_before)
-        for reason, count in self.status.get("skipped", {}).items():
-            total[reason] = total.get(reason, 0) + count
-        return total
-
-    @property
-    def unacked(self) -> int:
-        return self.unacked_before + self.status.get("unacked", 0)
-
-    @property
-    def lost_by_broker(self) -> int:
-        return self.lost_before + self.status.get("lost_by_broker", 0)
+        return dict(self.skipped_before + Counter(self.status.get("skipped", {})))
 
     def stats(self) -> dict:
         """This worker in /stats: its counts over every process that filled the slot."""
@@ -184,12 +179,7 @@ class Supervisor:
         slot.exited.set()
         if self.draining:
             return
-        slot.published_before += slot.status.get("published", 0)
-        slot.unacked_before += slot.status.get("unacked", 0)
-        slot.sent_before += slot.status.get("sent", 0)
-        slot.lost_before += slot.status.get("lost_by_broker", 0)
-        slot.skipped_before = slot.skipped
-        slot.status = {}
+        slot.retire()
         now = time.monotonic()
         slot.restart_times = [t for t in slot.restart_times if now - t < CRASH_LOOP_WINDOW_S] + [now]
         if len(slot.restart_times) > CRASH_LOOP_RESTARTS:
