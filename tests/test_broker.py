@@ -4,7 +4,7 @@ import signal
 
 import orjson
 import pytest
-from helpers import PRODUCER, broker_and_dealer, get_json, publish, wait_until
+from helpers import PRODUCER, Proc, broker_and_dealer, get_json, publish, wait_until
 
 from broker import protocol as p
 
@@ -69,3 +69,49 @@ def test_serve_stops_cleanly_on_sigterm(broker):
     proc.signal(signal.SIGTERM)
     assert proc.wait() == 0
     assert "accepted telemetry=2" in proc.output
+
+
+def test_acks_of_back_to_back_batches_are_merged_per_burst():
+    """In process, one burst: a producer's consecutive batches get one ACK covering them all; a
+    gap, another producer or another peer gets its own reply, in order."""
+    from broker.config import BrokerConfig
+    from broker.server import Broker
+
+    broker = Broker(BrokerConfig(topics=["telemetry"]))
+    broker._open_topics()
+    sent = []
+    broker._send = lambda identity, frames: sent.append((identity, frames))
+    other = b"\x02" * 16
+
+    def frame(identity, producer, first_seq, count):
+        body = b"\n".join(b'{"v":%d}' % i for i in range(count))
+        return [identity, *p.publish_frames(b"telemetry", producer, first_seq, count, body)]
+
+    for frames in (
+        frame(b"a", PRODUCER, 0, 10),
+        frame(b"a", PRODUCER, 10, 5),
+        frame(b"b", other, 0, 3),
+        frame(b"a", PRODUCER, 15, 5),  # still joins the ACK of 0-14: nothing else went to "a" meanwhile
+        frame(b"a", PRODUCER, 30, 1),  # a gap: refused
+        frame(b"a", PRODUCER, 20, 2),  # after the refusal: a reply of its own
+    ):
+        broker._handle(frames)
+    broker._commit()
+    replies = [(identity, frames[1], p.ACK_BODY.unpack(frames[2]) if frames[1] == p.ACK else p.NACK_BODY.unpack(frames[2])) for identity, frames in sent]
+    assert replies == [
+        (b"a", p.ACK, (PRODUCER, 0, 20, 0)),
+        (b"b", p.ACK, (other, 0, 3, 15)),
+        (b"a", p.NACK, (PRODUCER, 30, 1, 20)),
+        (b"a", p.ACK, (PRODUCER, 20, 2, 23)),
+    ]
+    assert broker.topics["telemetry"].acks == 3
+
+
+def test_broker_raises_its_open_files_limit(procs):
+    import resource
+
+    limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))  # noqa: E731
+    proc = Proc("broker", "serve", "--port=0", "--http-port=0", preexec_fn=limit)
+    procs.append(proc)
+    proc.wait_for_line("Broker listening")
+    assert resource.prlimit(proc.pid, resource.RLIMIT_NOFILE) == (4096, 4096)

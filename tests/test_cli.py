@@ -38,6 +38,9 @@ def one_line_error(stderr: str) -> str:
         (["--broker-url=localhost:5555"], "--broker-url"),
         (["--http-port=70000"], "--http-port"),
         (["--no-such-option"], "no-such-option"),
+        (["--max-message-bytes=100"], "less than 128 bytes"),
+        (["--max-message-bytes=1XB"], "is not a size"),
+        (["--persistence", "--segment-bytes=1KiB"], "less than 4096 bytes"),
     ],
 )
 def test_bad_options_are_usage_errors(args, words):

@@ -125,6 +125,38 @@ def test_messages_on_the_wire(procs, sample_csv):
         ctx.term()
 
 
+def test_batches_stay_within_the_batch_byte_cap(procs, sample_csv):
+    """Unthrottled, a worker batches thousands of rows; with a small --max-message-bytes its
+    batches are cut to batch_bytes() (64 KiB here), never one frame of hundreds of KB."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    cap = p.batch_bytes(256)
+    sizes = []
+    try:
+        streamer = Proc("streamer", f"--csv={sample_csv}", f"--broker-url=tcp://127.0.0.1:{port}", "--http-port=0", "--rate=0", "--max-message-bytes=256")
+        procs.append(streamer)
+        deadline, stopping = time.monotonic() + 30, False
+        while streamer.popen.poll() is None and time.monotonic() < deadline:  # acknowledge everything, the drain too
+            if len(sizes) >= 50 and not stopping:
+                streamer.signal(signal.SIGTERM)
+                stopping = True
+            if router.poll(100):
+                frames = router.recv_multipart()
+                if frames[2] == p.PUBLISH:
+                    producer, seq, n = p.PUB_HEADER.unpack(frames[4])
+                    sizes.append((len(frames[5]), n))
+                    router.send_multipart([frames[0], *p.ack_frames(producer, seq, n, 0)])
+        assert streamer.wait() == 0, streamer.output
+    finally:
+        router.close()
+        ctx.term()
+    assert len(sizes) >= 50, streamer.output
+    assert max(size for size, _ in sizes) <= cap == 64 << 10
+    assert max(n for _, n in sizes) > 100  # still batches, not single messages
+
+
 def test_hung_broker_does_not_hang_the_drain_and_a_second_signal_forces(procs, sample_csv):
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)  # accepts, never acknowledges
