@@ -11,8 +11,8 @@ CRC was never acknowledged, and recovery drops it whole. Every record in it carr
 producer id, sequence number, receive time and length through the header:
 
     offset  size  field
-    0       4     magic        b"TLB1"
-    4       4     crc          CRC32 of bytes 8.. to the end of the payload
+    0       4     magic        b"TLB2" (CRC-32C) or b"TLB1" (CRC-32)
+    4       4     crc          checksum of bytes 8.. to the end of the payload, by the magic
     8       4     length       payload bytes
     12      8     base offset  offset of the first record; record i has base offset + i
     20      4     count        records in the batch (>= 1)
@@ -21,6 +21,13 @@ producer id, sequence number, receive time and length through the header:
     48      8     received     broker's receive time, ns since the Unix epoch (all records)
     56      ...   payload      the records' JSON bytes, unchanged, joined by b"\\n"
                                (a record holds no raw newline); record i's length is its part's
+
+The checksum is CRC-32C (Castagnoli, as Kafka's record batch v2), computed by google-crc32c
+with the CPU's CRC instructions: 34 us for a 700 KB batch against zlib's CRC-32 at 139 us,
+which was a fifth of the broker's cost of persisting a batch. Batches marked b"TLB1" carry
+zlib's CRC-32: logs written before CRC-32C, and logs written where google-crc32c has no compiled
+implementation (its pure-Python fallback is far too slow to write with). Both kinds are read and
+recovered alike, also mixed in one segment.
 
 Index entries (16 B, big-endian): base offset (u64) | file position (u64), one at least every
 INDEX_INTERVAL bytes of segment, so a read from an offset seeks, then scans at most that much.
@@ -43,11 +50,19 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import google_crc32c
+
 from .protocol import message_count
 
 log = logging.getLogger("broker.log")
 
-MAGIC = b"TLB1"
+MAGIC_CRC32C, MAGIC_CRC32 = b"TLB2", b"TLB1"
+_MAGIC_PREFIX = b"TLB"  # what a resynchronising reader looks for; the batch's CRC then decides
+CHECKSUMS = {  # magic -> checksum(data, running value)
+    MAGIC_CRC32C: lambda data, value=0: google_crc32c.extend(value, data),
+    MAGIC_CRC32: zlib.crc32,
+}
+MAGIC = MAGIC_CRC32C if google_crc32c.implementation == "c" else MAGIC_CRC32  # what appends write
 HEADER = struct.Struct(">4sII Q I 16s Q Q")
 HEADER_SIZE = HEADER.size  # 56
 _CRC_FROM = 8
@@ -58,10 +73,12 @@ SEGMENT_SUFFIX, INDEX_SUFFIX = ".log", ".index"
 FSYNC_POLICIES = ("always", "interval", "never")
 
 
-def encode_batch(base_offset: int, producer: bytes, base_seq: int, received_ns: int, count: int, payload: bytes) -> bytes:
-    """The header for one batch (the payload follows it)."""
-    header = HEADER.pack(MAGIC, 0, len(payload), base_offset, count, producer, base_seq, received_ns)
-    crc = zlib.crc32(payload, zlib.crc32(memoryview(header)[_CRC_FROM:]))
+def encode_batch(base_offset: int, producer: bytes, base_seq: int, received_ns: int, count: int, payload: bytes, magic: bytes | None = None) -> bytes:
+    """The header for one batch (the payload follows it), checksummed as `magic` says (MAGIC)."""
+    magic = magic or MAGIC
+    header = HEADER.pack(magic, 0, len(payload), base_offset, count, producer, base_seq, received_ns)
+    checksum = CHECKSUMS[magic]
+    crc = checksum(payload, checksum(header[_CRC_FROM:]))
     return header[:4] + crc.to_bytes(4, "big") + header[8:]
 
 
@@ -91,12 +108,13 @@ def read_batch(f, position: int, *, verify: bool = True) -> Batch | None:
     if len(header) < HEADER_SIZE:
         return None
     magic, crc, length, base_offset, count, producer, base_seq, received = HEADER.unpack(header)
-    if magic != MAGIC or count < 1 or length > MAX_BATCH_PAYLOAD:
+    checksum = CHECKSUMS.get(magic)
+    if checksum is None or count < 1 or length > MAX_BATCH_PAYLOAD:
         return None
     payload = f.read(length)
     if len(payload) < length:
         return None
-    if verify and zlib.crc32(payload, zlib.crc32(header[_CRC_FROM:])) != crc:
+    if verify and checksum(payload, checksum(header[_CRC_FROM:])) != crc:
         return None
     if verify and message_count(payload) != count:
         return None
@@ -422,13 +440,13 @@ def _resync(f, position: int, end: int) -> Batch | None:
     chunk_size = 1 << 20
     while position < end:
         f.seek(position)
-        chunk = f.read(chunk_size + len(MAGIC))
-        at = chunk.find(MAGIC)
+        chunk = f.read(chunk_size + len(_MAGIC_PREFIX))
+        at = chunk.find(_MAGIC_PREFIX)
         while at != -1:
             batch = read_batch(f, position + at)
             if batch is not None:
                 return batch
-            at = chunk.find(MAGIC, at + 1)
+            at = chunk.find(_MAGIC_PREFIX, at + 1)
         position += chunk_size
     return None
 

@@ -12,7 +12,6 @@ import asyncio
 import itertools
 import logging
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from . import host
 from . import protocol as p
 from .config import BrokerConfig
 from .groups import Consumer, Delivery, Group, valid_group
@@ -42,18 +42,6 @@ ZMQ_SENT, ZMQ_AGAIN, ZMQ_GONE = range(3)
 _CONNECTION_EVENTS = (
     zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPT_FAILED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 )
-_OPEN_FILES_WANTED = 65536
-
-
-def _raise_open_files_limit() -> None:
-    """Raise the soft limit on open descriptors towards the hard limit (as servers do)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = _OPEN_FILES_WANTED if hard == resource.RLIM_INFINITY else min(hard, _OPEN_FILES_WANTED)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-        except (ValueError, OSError):
-            pass
 
 
 class BrokerStartError(Exception):
@@ -99,7 +87,8 @@ class Broker:
         from .http import start_http  # aiohttp is only needed once a broker starts
 
         cfg = self.config
-        _raise_open_files_limit()  # every connection is a descriptor; a flood must not starve the log
+        host.raise_open_files_limit()
+        host.keep_freed_memory()
         self._open_topics()
         self._ctx = zmq.asyncio.Context()
         router = self._ctx.socket(zmq.ROUTER)

@@ -53,10 +53,19 @@ _u63 = st.integers(0, 2**63 - 1)
 
 
 @settings(max_examples=300, deadline=None)
-@given(messages=_messages, base_offset=_u63, producer=st.binary(min_size=16, max_size=16), base_seq=_u63, received=_u63, flip=st.data())
-def test_batch_framing_round_trips_and_refuses_any_damaged_byte(messages, base_offset, producer, base_seq, received, flip):
+@given(
+    messages=_messages,
+    base_offset=_u63,
+    producer=st.binary(min_size=16, max_size=16),
+    base_seq=_u63,
+    received=_u63,
+    magic=st.sampled_from([tlog.MAGIC_CRC32C, tlog.MAGIC_CRC32]),
+    flip=st.data(),
+)
+def test_batch_framing_round_trips_and_refuses_any_damaged_byte(messages, base_offset, producer, base_seq, received, magic, flip):
     body = b"\n".join(messages)
-    data = tlog.encode_batch(base_offset, producer, base_seq, received, len(messages), body) + body
+    data = tlog.encode_batch(base_offset, producer, base_seq, received, len(messages), body, magic) + body
+    assert data[:4] == magic
     batch = tlog.read_batch(io.BytesIO(data), 0)
     assert batch == tlog.Batch(0, base_offset, len(messages), producer, base_seq, received, body)
     assert batch.payload.split(b"\n") == messages and batch.size == len(data)
@@ -65,7 +74,7 @@ def test_batch_framing_round_trips_and_refuses_any_damaged_byte(messages, base_o
     where = flip.draw(st.integers(0, len(data) - 1), label="where")
     damaged = bytearray(data)
     damaged[where] ^= flip.draw(st.integers(1, 255), label="xor")
-    assert tlog.read_batch(io.BytesIO(bytes(damaged)), 0) is None  # CRC32 catches every single-byte error
+    assert tlog.read_batch(io.BytesIO(bytes(damaged)), 0) is None  # either CRC catches every single-byte error
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -176,6 +185,38 @@ def test_recovery_keeps_exactly_the_batches_before_the_damage(tmp_path_factory, 
     more = write_batches(recovered, [2])  # offsets and sequences continue from the last good record
     assert more[0][0] == recovered.next_offset - 2
     recovered.close()
+
+
+def test_batches_checksummed_with_crc32_are_read_recovered_and_appended_to(tmp_path, monkeypatch, caplog):
+    """Logs written with zlib's CRC-32 (before CRC-32C, or without google-crc32c's compiled
+    implementation) stay readable: mixed segments, a damaged old batch resynchronised past, a
+    torn tail recovered, appends continuing with CRC-32C."""
+    with monkeypatch.context() as m:
+        m.setattr(tlog, "MAGIC", tlog.MAGIC_CRC32)
+        old = open_log(tmp_path, segment_bytes=4096)
+        write_batches(old, [10] * 30)
+        old.close()
+    assert tlog.MAGIC == tlog.MAGIC_CRC32C  # google-crc32c's C implementation is installed
+    bases = list_segments(str(tmp_path))
+    first = os.path.join(tmp_path, segment_name(bases[0]) + ".log")
+    assert open(first, "rb").read(4) == tlog.MAGIC_CRC32
+    with open(first, "r+b") as f:  # damage the first batch of the oldest segment
+        f.seek(HEADER_SIZE + 5)
+        f.write(b"#")
+    newest = os.path.join(tmp_path, segment_name(bases[-1]) + ".log")
+    with open(newest, "r+b") as f:  # and tear the newest segment's last batch
+        f.truncate(os.path.getsize(newest) - 3)
+    with caplog.at_level(logging.WARNING):
+        reopened = open_log(tmp_path, segment_bytes=4096)
+        assert reopened.next_offset == 290 and reopened.producers == {P1: 290}
+        write_batches(reopened, [10, 10])  # new batches: CRC-32C, after the CRC-32 ones
+        reopened.close()
+        offsets = [r[0] for r in records(tmp_path)]
+    assert offsets == list(range(10, 310))
+    with open(os.path.join(tmp_path, segment_name(list_segments(str(tmp_path))[-1]) + ".log"), "rb") as f:
+        data = f.read()
+    assert data.count(tlog.MAGIC_CRC32C) >= 1 and data.startswith(tlog.MAGIC_CRC32)  # one segment, both kinds
+    assert any("damaged batch" in r.getMessage() for r in caplog.records)
 
 
 def test_damage_in_an_older_segment_is_reported_and_skipped(tmp_path, caplog):
