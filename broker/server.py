@@ -58,8 +58,9 @@ class Broker:
         self.draining = False
         self.zmq_url = ""
         self.http_url = ""
-        self._ctx: zmq.asyncio.Context | None = None
-        self._router: zmq.asyncio.Socket | None = None
+        self._ctx: zmq.Context | None = None
+        self._router: zmq.Socket | None = None
+        self._readable = asyncio.Event()  # the ROUTER may have frames to read (see _receive)
         self._http = None
         self._tasks: list[asyncio.Task] = []
         self._logged_at: dict[str, float] = {}  # bounded-rate warnings, by kind
@@ -90,7 +91,9 @@ class Broker:
         host.raise_open_files_limit()
         host.keep_freed_memory()
         self._open_topics()
-        self._ctx = zmq.asyncio.Context()
+        # the ROUTER is a plain socket driven by the loop's reader callback (see _receive): no
+        # future per frame; only the monitor, which is rare, is awaited through zmq.asyncio
+        self._ctx = zmq.Context()
         router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, p.frame_limit(cfg.max_message_bytes))  # larger: ZeroMQ drops the connection
@@ -106,7 +109,10 @@ class Broker:
             raise BrokerStartError(f"cannot listen for ZeroMQ on {cfg.host}:{cfg.port}: {exc.strerror}") from None
         self._router = router
         self.zmq_url = router.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._monitor = router.get_monitor_socket(_CONNECTION_EVENTS)
+        monitor_url = f"inproc://broker-monitor-{id(self)}"
+        router.monitor(monitor_url, _CONNECTION_EVENTS)
+        self._monitor = zmq.asyncio.Context.shadow(self._ctx).socket(zmq.PAIR)
+        self._monitor.connect(monitor_url)
         try:
             self._http, self.http_url = await start_http(self, cfg.http_host, cfg.http_port)
         except OSError as exc:
@@ -150,23 +156,42 @@ class Broker:
 
     async def _receive(self) -> None:
         """Handle frames in bursts: whatever is already queued (up to _BURST), then make the
-        burst durable as the fsync policy asks (one fsync for the whole burst) and reply."""
+        burst durable as the fsync policy asks (one fsync for the whole burst) and reply.
+
+        ZeroMQ's descriptor only says that the socket's state changed (edge-triggered), so after
+        every wake-up the socket is read until it has nothing, and ZMQ_EVENTS is checked before
+        sleeping again, as the ZeroMQ guide says."""
         router = self._router
+        recv = router.recv_multipart
         observe = self.metrics.burst_seconds.observe
-        while True:
-            self._handle_safely(await router.recv_multipart())
-            started = time.perf_counter()
-            handled = 1
-            while handled < _BURST and router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                self._handle_safely(await router.recv_multipart(zmq.NOBLOCK))
-                handled += 1
-            self._commit()
-            if self._acked_in_burst:
-                observe(time.perf_counter() - started)
-                self._acked_in_burst = False
-            # a recv that finds data waiting completes without yielding to the loop: yield once
-            # per burst, or a backlog would starve HTTP and signal handling
-            await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        readable = self._readable
+        loop.add_reader(router.FD, readable.set)
+        try:
+            while True:
+                started = time.perf_counter()
+                handled = 0
+                while handled < _BURST:
+                    try:
+                        frames = recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._handle_safely(frames)
+                    handled += 1
+                if handled:
+                    self._commit()
+                    if self._acked_in_burst:
+                        observe(time.perf_counter() - started)
+                        self._acked_in_burst = False
+                if handled == _BURST:
+                    await asyncio.sleep(0)  # a backlog must not starve HTTP and signal handling
+                    continue
+                readable.clear()
+                if router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    continue
+                await readable.wait()
+        finally:
+            loop.remove_reader(router.FD)
 
     def _handle_safely(self, frames: list[bytes]) -> None:
         try:
@@ -574,13 +599,19 @@ class Broker:
     def _send(self, identity: bytes, frames: list[bytes]) -> int:
         """Send without ever waiting: ZMQ_SENT, ZMQ_AGAIN (the peer's queue is full) or ZMQ_GONE.
         A reply lost this way is covered by the producer's retransmission."""
-        future = self._router.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
-        if not future.done():
+        router = self._router
+        try:
+            router.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
             return ZMQ_SENT
-        error = future.exception()
-        if error is None:
-            return ZMQ_SENT
-        return ZMQ_AGAIN if isinstance(error, zmq.Again) else ZMQ_GONE
+        except zmq.Again:
+            return ZMQ_AGAIN
+        except zmq.ZMQError:
+            return ZMQ_GONE
+        finally:
+            # any operation may consume the descriptor's signal for frames that arrived meanwhile
+            # (it is edge-triggered): hand it on, or _receive would sleep with frames waiting
+            if router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self._readable.set()
 
     def _bad_frame(self, reason: str) -> None:
         self.bad_frames[reason] += 1
