@@ -56,6 +56,33 @@ def test_unthrottled_two_workers_drain_exactly(procs, sample_csv):
     assert "broker ipc://" in proc.output  # the embedded broker's workers use the Unix socket
 
 
+def thread_policies(pid: int) -> dict[str, set[int]]:
+    """Scheduling policy of each of a process's threads, by thread name."""
+    policies: dict[str, set[int]] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+            policies.setdefault(name, set()).add(os.sched_getscheduler(int(tid)))
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return policies
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+def test_workers_run_as_batch_work_and_the_broker_does_not(procs, sample_csv):
+    proc, http = start_streamer(sample_csv, "--workers=2", "--rate=100")
+    procs.append(proc)
+    wait_until(lambda: len(stats(http)["producers"]) == 2, message="2 workers publishing")
+    workers = [pid for pid in children_of(proc.pid) if "spawn_main" in open(f"/proc/{pid}/cmdline").read()]
+    assert len(workers) == 2
+    for pid in workers:  # every thread, ZeroMQ's I/O thread included, inherits the policy
+        policies = thread_policies(pid)
+        assert any(name.startswith("ZMQbg/IO") for name in policies), policies
+        assert set().union(*policies.values()) == {os.SCHED_BATCH}, policies
+    assert set().union(*thread_policies(proc.pid).values()) == {os.SCHED_OTHER}  # the broker answers at once
+
+
 def test_workers_die_with_a_killed_parent(procs, sample_csv):
     proc, _ = start_streamer(sample_csv, "--workers=3", "--rate=5")
     procs.append(proc)
