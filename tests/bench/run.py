@@ -177,30 +177,31 @@ def _stamp_ns(message: bytes, cache: dict) -> int:
     return second * 1_000_000_000 + int(stamp[20:29])
 
 
-async def _stamps(url: str, warmup: float, window: float) -> list[int]:
-    """The timestamps of the messages a live subscriber receives in the window after `warmup`."""
+async def _received(url: str, warmup: float, window: float) -> list[tuple[int, int]]:
+    """(arrival, timestamp) in ns since the epoch of each message a live subscriber receives in
+    the window after `warmup`."""
     from broker.client import Subscriber
 
     sub = Subscriber(url, "telemetry")
     await sub.start()
     cache: dict = {}
-    stamps: list[int] = []
+    received: list[tuple[int, int]] = []
     begin = time.monotonic() + warmup
     async for _first, messages in sub.batches():
-        now = time.monotonic()
+        now, arrival = time.monotonic(), time.time_ns()
         if now >= begin:
-            stamps.extend(_stamp_ns(m, cache) for m in messages)
+            received.extend((arrival, _stamp_ns(m, cache)) for m in messages)
         if now >= begin + window:
             break
     await sub.close()
-    return stamps
+    return received
 
 
 def rate_accuracy(rate: float, window: float) -> dict:
     """Achieved rate from the messages' own timestamps: (n - 1) / (last - first), no window-edge rounding."""
     proc, _, zmq_url = start([f"--csv={SAMPLE}", "--workers=1", f"--rate={rate}"])
     try:
-        stamps = asyncio.run(_stamps(zmq_url, min(2.0, 2 / rate), window))
+        stamps = [stamp for _arrival, stamp in asyncio.run(_received(zmq_url, min(2.0, 2 / rate), window))]
     finally:
         stop(proc)
     span_s = (stamps[-1] - stamps[0]) / 1e9
@@ -211,29 +212,10 @@ def rate_accuracy(rate: float, window: float) -> dict:
 # -- latency -----------------------------------------------------------------------------------------
 
 
-async def _latencies(url: str, seconds: float) -> list[float]:
-    from broker.client import Subscriber
-
-    sub = Subscriber(url, "telemetry")
-    await sub.start()
-    seconds_cache: dict[bytes, int] = {}
-    latencies = []
-    started = time.monotonic()
-    async for _first, messages in sub.batches():
-        now = time.time_ns()
-        for message in messages:
-            latencies.append((now - _stamp_ns(message, seconds_cache)) / 1e6)
-        if time.monotonic() - started > seconds:
-            break
-    await sub.close()
-    return latencies
-
-
 def latency(rate: float, seconds: float) -> dict:
     proc, _, zmq_url = start([f"--csv={SAMPLE}", "--workers=1", f"--rate={rate}"])
     try:
-        time.sleep(1.0)
-        values = sorted(asyncio.run(_latencies(zmq_url, seconds)))
+        values = sorted((arrival - stamp) / 1e6 for arrival, stamp in asyncio.run(_received(zmq_url, 1.0, seconds)))
     finally:
         stop(proc)
     return {"rate": rate, "messages": len(values), "p50_ms": statistics.median(values), "p99_ms": values[int(len(values) * 0.99)], "max_ms": values[-1]}
