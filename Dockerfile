@@ -8,6 +8,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY streamer/ streamer/
 COPY broker/ broker/
+COPY common/ common/
 # the project and every dependency as wheels, so the final stage installs offline and compiles nothing
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 

@@ -14,16 +14,19 @@ import os
 import signal
 import stat
 import sys
-import time
 
 import click
 
-from . import console
+from common import commandline
+from common.logsetup import FORMATS, LEVELS, setup_logging
+from common.names import valid_topic
+from common.options import Size, Timestamp
+from common.timefmt import rfc3339_ns
+
 from .config import BrokerConfig
 from .log import read_records
-from .logs import FORMATS, LEVELS, setup_logging
-from .options import Size, Timestamp, consumer_options, persistence_config, persistence_options
-from .protocol import MAX_MESSAGE_BYTES, valid_topic
+from .options import consumer_options, persistence_config, persistence_options
+from .protocol import MAX_MESSAGE_BYTES
 
 log = logging.getLogger("broker")
 PORT = click.IntRange(0, 65535)
@@ -114,7 +117,7 @@ def dump(persistence_dir, topic, from_offset, meta):
             if meta:
                 out.write(
                     b'{"offset":%d,"producer":"%s","seq":%d,"received":"%s","message":%s}\n'
-                    % (offset, batch.producer.hex().encode(), batch.base_seq + offset - batch.base_offset, _rfc3339_ns(batch.received_ns), message)
+                    % (offset, batch.producer.hex().encode(), batch.base_seq + offset - batch.base_offset, rfc3339_ns(batch.received_ns).encode(), message)
                 )
             else:
                 out.write(message + b"\n")
@@ -179,7 +182,7 @@ async def _tail(subscriber, meta: bool, count: int | None) -> int:
                 if meta:
                     out.write(
                         b'{"offset":%d,"producer":"%s","seq":%d,"received":"%s","message":%s}\n'
-                        % (first + i, producer.hex().encode(), first_seq + i, _rfc3339_ns(received), message)
+                        % (first + i, producer.hex().encode(), first_seq + i, rfc3339_ns(received).encode(), message)
                     )
                 else:
                     out.write(message + b"\n")
@@ -229,10 +232,5 @@ class _GroupReader:
         await self.consumer.close()
 
 
-def _rfc3339_ns(ns: int) -> bytes:
-    seconds, fraction = divmod(ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)).encode() + b".%09dZ" % fraction
-
-
 def main() -> None:
-    console.run(command, "telemetry-broker")
+    commandline.run(command, "telemetry-broker")

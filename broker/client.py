@@ -33,6 +33,8 @@ import orjson
 import zmq
 import zmq.asyncio
 
+from common.names import valid_topic
+
 from . import protocol as p
 
 log = logging.getLogger("broker.client")
@@ -106,7 +108,7 @@ class Publisher(_Client):
         ack_timeout: float = ACK_TIMEOUT_S,
         context: zmq.asyncio.Context | None = None,
     ):
-        if not p.valid_topic(topic):
+        if not valid_topic(topic):
             raise ValueError(f"invalid topic name {topic!r}")
         super().__init__(url, context)
         self.topic = topic
@@ -297,7 +299,7 @@ class Subscriber(_Client):
         queue: int = 100,
         context: zmq.asyncio.Context | None = None,
     ):
-        if not p.valid_topic(topic):
+        if not valid_topic(topic):
             raise ValueError(f"invalid topic name {topic!r}")
         super().__init__(url, context)
         self.topic = topic
@@ -417,7 +419,7 @@ class Consumer(_Client):
     """
 
     def __init__(self, url: str, topic: str, group: str, *, credit: int = 100, rejoin_s: float = 5.0, context: zmq.asyncio.Context | None = None):
-        if not p.valid_topic(topic) or not p.valid_topic(group):
+        if not valid_topic(topic) or not valid_topic(group):
             raise ValueError(f"invalid topic or group name: {topic!r}, {group!r}")
         super().__init__(url, context)
         self.topic = topic

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -26,12 +25,7 @@ import orjson
 
 log = logging.getLogger("broker.groups")
 
-GROUP_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 COMMIT_INTERVAL_S = 0.2
-
-
-def valid_group(name: str) -> bool:
-    return GROUP_PATTERN.fullmatch(name) is not None
 
 
 @dataclass(slots=True)

@@ -77,7 +77,6 @@ acknowledged again as DUPLICATE and not stored twice, so retrying is always safe
 
 from __future__ import annotations
 
-import re
 import struct
 
 SIGNATURE = b"TLM1"
@@ -130,19 +129,12 @@ def frame_limit(max_message_bytes: int) -> int:
 
 SEPARATOR = b"\n"
 
-TOPIC_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
 
 def message_count(body: bytes) -> int:
     """The number of messages in a batch body (separators + 1). Deleting the separators and
     comparing lengths is exact and 2-3x faster than bytes.count on a body (memchr + memcpy
     instead of a byte-by-byte loop); measured 75 us vs 195 us for 4,000 messages."""
     return len(body) - len(body.replace(SEPARATOR, b"")) + 1
-
-
-def valid_topic(name: str) -> bool:
-    """Topic names become directory names: ASCII letters, digits, '.', '_', '-'; 1-128 long."""
-    return TOPIC_PATTERN.fullmatch(name) is not None
 
 
 def publish_frames(topic: bytes, producer_id: bytes, first_seq: int, count: int, body: bytes) -> list[bytes]:

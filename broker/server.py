@@ -23,10 +23,12 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from common.names import valid_group, valid_topic
+
 from . import host
 from . import protocol as p
 from .config import BrokerConfig
-from .groups import Consumer, Delivery, Group, valid_group
+from .groups import Consumer, Delivery, Group
 from .log import LogUnavailable, TopicLog
 from .metrics import Metrics
 from .topic import SequenceGap, Span, Subscriber, Topic
@@ -548,7 +550,7 @@ class Broker:
         except UnicodeDecodeError:
             return None
         topic = self.topics.get(name)
-        if topic is None and p.valid_topic(name):
+        if topic is None and valid_topic(name):
             try:
                 topic = self._create_topic(name)
             except OSError as exc:
@@ -586,7 +588,7 @@ class Broker:
         if persistence is not None:
             try:
                 os.makedirs(persistence.directory, exist_ok=True)
-                names += sorted(n for n in os.listdir(persistence.directory) if p.valid_topic(n) and os.path.isdir(os.path.join(persistence.directory, n)))
+                names += sorted(n for n in os.listdir(persistence.directory) if valid_topic(n) and os.path.isdir(os.path.join(persistence.directory, n)))
             except OSError as exc:
                 raise BrokerStartError(f"cannot use persistence directory {persistence.directory}: {exc.strerror or exc}") from None
         for name in dict.fromkeys(names):

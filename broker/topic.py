@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from common.timefmt import rfc3339
+
 from .groups import Group
 from .log import TopicLog, read_batches
 from .protocol import DUPLICATE, SEPARATOR
@@ -40,10 +42,6 @@ class Span(NamedTuple):
         if skip <= 0:
             return self
         return Span(offset, self.count - skip, self.body.split(SEPARATOR, skip)[skip], self.producer, self.first_seq + skip, self.received_ns)
-
-
-def rfc3339(epoch_s: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch_s)) + f".{int(epoch_s % 1 * 1e6):06d}Z"
 
 
 @dataclass(slots=True)

@@ -13,11 +13,13 @@ import re
 
 import click
 
-from broker import console
 from broker.config import BrokerConfig
-from broker.logs import FORMATS, LEVELS, setup_logging
-from broker.options import Size, consumer_options, persistence_config, persistence_options
-from broker.protocol import MAX_MESSAGE_BYTES, valid_topic
+from broker.options import consumer_options, persistence_config, persistence_options
+from broker.protocol import MAX_MESSAGE_BYTES
+from common import commandline
+from common.logsetup import FORMATS, LEVELS, setup_logging
+from common.names import NAME_RULE, valid_topic
+from common.options import Size
 
 from .config import StreamerConfig, WorkerConfig
 from .csvsource import CsvError, check_csv
@@ -50,7 +52,7 @@ class Rate(click.ParamType):
 
 def _topic(ctx, param, value: str) -> str:
     if not valid_topic(value):
-        raise click.BadParameter(f"{value!r}: use 1-128 of A-Z a-z 0-9 . _ - (starting with a letter or digit)")
+        raise click.BadParameter(f"{value!r}: {NAME_RULE}")
     return value
 
 
@@ -206,4 +208,4 @@ def _serve(cfg: StreamerConfig) -> int:
 
 
 def main() -> None:
-    console.run(command, "telemetry-streamer")
+    commandline.run(command, "telemetry-streamer")

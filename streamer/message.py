@@ -12,8 +12,9 @@ is rebuilt only when the second changes.
 
 from __future__ import annotations
 
-import time
 from time import time_ns
+
+from common.timefmt import second_prefix
 
 _NS = 1_000_000_000
 
@@ -29,7 +30,7 @@ class Envelope:
 
     def _prefix_for(self, second: int) -> bytes:
         self._second = second
-        self._prefix = b'{"timestamp":"' + time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second)).encode()
+        self._prefix = b'{"timestamp":"' + second_prefix(second).encode()
         return self._prefix
 
     def batch(self, rows: list[bytes]) -> bytes:

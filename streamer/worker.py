@@ -20,12 +20,12 @@ import sys
 import time
 from multiprocessing.connection import Connection
 
-from broker.client import Publisher
-from broker.logs import setup_logging
 from broker.protocol import batch_bytes
+from common.logsetup import setup_logging
 
 from .config import WorkerConfig
 from .csvsource import CsvError, CsvSource
+from .destinations import open_destination
 from .message import Envelope
 from .rate import RateLimit
 
@@ -93,7 +93,7 @@ class Worker:
         self.parent_pid = parent_pid
         self.sent = 0
         self.source = CsvSource(cfg.csv, cfg.column_types, max_message_bytes=cfg.max_message_bytes, label=self.label)
-        self.publisher = Publisher(cfg.broker_url, cfg.topic, window=cfg.buffer_messages)
+        self.destination = open_destination(cfg)
         self.name = f"worker-{index}@{socket.gethostname()}/{os.getpid()}"
         self._stop = asyncio.Event()
 
@@ -101,8 +101,8 @@ class Worker:
         """Start, produce until told to stop, then drain: flush what is sent, report, exit."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
-        await self.publisher.start()
-        log.info("%s started (pid %d, producer %s)", self.label, os.getpid(), self.publisher.producer_id.hex())
+        await self.destination.start()
+        log.info("%s started (pid %d, producer %s)", self.label, os.getpid(), self.destination.producer_id.hex())
         producing = asyncio.create_task(self._produce())
         reporting = asyncio.create_task(self._report_periodically())
         stopping = asyncio.create_task(self._stop.wait())
@@ -113,17 +113,17 @@ class Worker:
             task.cancel()
         results = await asyncio.gather(producing, reporting, stopping, return_exceptions=True)
         await self._report_to_broker()  # ahead of the flush, so it arrives before the last ACK
-        flushed = await self.publisher.flush(self.cfg.shutdown_timeout)
+        flushed = await self.destination.flush(self.cfg.shutdown_timeout)
         if not flushed:
-            log.warning("%s: shutdown timeout (%.1f s): %d messages unacknowledged", self.label, self.cfg.shutdown_timeout, self.publisher.unacked)
+            log.warning("%s: shutdown timeout (%.1f s): %d messages unacknowledged", self.label, self.cfg.shutdown_timeout, self.destination.unacked)
         self._send_status(final=True)
-        await self.publisher.close()
-        log.info("%s stopped: published=%d unacknowledged=%d", self.label, self.publisher.published, self.publisher.unacked)
+        await self.destination.close()
+        log.info("%s stopped: published=%d unacknowledged=%d", self.label, self.destination.published, self.destination.unacked)
         if isinstance(results[0], Exception) and not isinstance(results[0], asyncio.CancelledError):
             raise results[0]
 
     async def _produce(self) -> None:
-        cfg, source, publisher = self.cfg, self.source, self.publisher
+        cfg, source, destination = self.cfg, self.source, self.destination
         limit = RateLimit(cfg.rate, cfg.batch_messages) if cfg.rate > 0 else None
         chunk = base_chunk = limit.chunk if limit else cfg.batch_messages
         # a batch body stays within the message cap (so the broker's size check never has to
@@ -152,7 +152,7 @@ class Worker:
             else:
                 if chunk < base_chunk and len(body) * 2 < self._batch_bytes:  # rows got smaller again
                     chunk = min(base_chunk, chunk * 2)
-                await publisher.publish(body, len(batch))
+                await destination.publish(body, len(batch))
             self.sent += len(batch)
             await asyncio.sleep(0)  # sends that complete at once never yield: let acks and signals in
 
@@ -171,7 +171,7 @@ class Worker:
             if len(body) > self._batch_bytes and len(part) > 1:
                 await self._publish_split(part, envelope)
             else:
-                await self.publisher.publish(body, len(part))
+                await self.destination.publish(body, len(part))
 
     async def _report_periodically(self) -> None:
         while True:
@@ -184,17 +184,17 @@ class Worker:
     async def _report_to_broker(self) -> None:
         """The worker's own counters (skipped rows) go to the broker's stats."""
         try:
-            await self.publisher.report({"name": self.name, "skipped": dict(self.source.skipped), "sent": self.sent})
+            await self.destination.report({"name": self.name, "skipped": dict(self.source.skipped), "sent": self.sent})
         except Exception:  # the report is informative; never let it stop a drain
             log.debug("%s: report to broker failed", self.label, exc_info=True)
 
     def _send_status(self, final: bool) -> None:
         status = {
             "sent": self.sent,
-            "published": self.publisher.published,
-            "unacked": self.publisher.unacked,
-            "rejected": self.publisher.rejected,
-            "lost_by_broker": self.publisher.lost_by_broker,
+            "published": self.destination.published,
+            "unacked": self.destination.unacked,
+            "rejected": self.destination.rejected,
+            "lost_by_broker": self.destination.lost_by_broker,
             "skipped": dict(self.source.skipped),
             "passes": self.source.passes,
             "final": final,

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 
 import orjson
+
+from .timefmt import rfc3339
 
 LEVELS = ("debug", "info", "warning", "error")
 FORMATS = ("text", "json")
@@ -27,7 +28,7 @@ class _Json(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "time": rfc3339(record.created, 3),
             "level": record.levelname.lower(),
             "component": self.component,
             "worker": self.worker,
