@@ -99,7 +99,7 @@ class Supervisor:
         self._first_signal_at = 0.0
         self.registry = health.new_registry(self)  # the workers' metrics
         self._health = None  # the streamer's own HTTP, when the broker is not embedded
-        self._mp = multiprocessing.get_context("spawn")
+        self._mp = worker_context()
         self._worker_cfg = cfg.worker
 
     # -- signals only flip state -------------------------------------------------------------------
@@ -151,7 +151,7 @@ class Supervisor:
 
     def _spawn(self, slot: WorkerSlot) -> None:
         receiver, sender = self._mp.Pipe(duplex=False)
-        process = self._mp.Process(target=worker.main, args=(self._worker_cfg, slot.index, sender, os.getpid()), name=f"worker-{slot.index}", daemon=False)
+        process = self._mp.Process(target=worker.main, args=(self._worker_cfg, slot.index, sender), name=f"worker-{slot.index}", daemon=False)
         process.start()
         sender.close()
         slot.process, slot.conn, slot.status = process, receiver, {}
@@ -250,6 +250,19 @@ class Supervisor:
             summary = "Forced exit: " + summary.removeprefix("Drained: ")
         log.info("%s", summary)
         return 1 if forced or unacked or any(s.given_up for s in self.slots) else 0
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Workers start from a fork server that has imported the worker's modules once: a new worker
+    is a fork of it (milliseconds, and the imported code's pages are shared), not a fresh
+    interpreter importing everything again. The fork server is a clean single-threaded process,
+    started before any worker; the supervisor itself (threads, sockets) is never forked. Where
+    there is no fork server (not POSIX), workers are spawned."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["streamer.worker"])
+    return context
 
 
 def _signal(process, signum: int) -> None:

@@ -37,8 +37,11 @@ RETRY_MIN_S, RETRY_MAX_S = 0.5, 30.0  # backoff while the file is missing or unu
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """Make the kernel kill this process when its parent dies, even by SIGKILL (Linux)."""
+def die_with_parent() -> int:
+    """Make the kernel kill this process when its parent dies, even by SIGKILL (Linux); returns
+    the parent's pid. The parent is the supervisor's fork server, which exits when the supervisor
+    does (or the supervisor itself where workers are spawned)."""
+    parent_pid = os.getppid()
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -46,6 +49,7 @@ def die_with_parent(parent_pid: int) -> None:
             pass
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
+    return parent_pid
 
 
 def schedule_as_batch_work() -> bool:
@@ -69,9 +73,9 @@ def schedule_as_batch_work() -> bool:
     return True
 
 
-def main(cfg: WorkerConfig, index: int, status: Connection, parent_pid: int) -> None:
-    """Entry point of a worker process (spawned by the supervisor)."""
-    die_with_parent(parent_pid)
+def main(cfg: WorkerConfig, index: int, status: Connection) -> None:
+    """Entry point of a worker process (started by the supervisor)."""
+    parent_pid = die_with_parent()
     schedule_as_batch_work()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole group; the parent decides
     setup_logging(cfg.log_level, cfg.log_format, component="worker", worker=index)

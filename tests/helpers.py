@@ -168,6 +168,23 @@ def children_of(pid: int) -> list[int]:
         return []
 
 
+def workers_of(pid: int) -> list[int]:
+    """The streamer's worker processes: the children of its fork server (or, where workers are
+    spawned, its spawned children); not the fork server or multiprocessing's resource tracker."""
+    found = []
+    for child in children_of(pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except FileNotFoundError:
+            continue
+        if b"forkserver" in cmdline:
+            found += children_of(child)
+        elif b"spawn_main" in cmdline:
+            found.append(child)
+    return found
+
+
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

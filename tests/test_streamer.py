@@ -9,7 +9,7 @@ import time
 import orjson
 import pytest
 import zmq
-from helpers import Proc, alive, children_of, get_json, start_broker, start_streamer, summary, wait_until
+from helpers import Proc, alive, children_of, get_json, start_broker, start_streamer, summary, wait_until, workers_of
 
 from broker import protocol as p
 from streamer.supervisor import SIGNAL_DEBOUNCE_S
@@ -22,7 +22,7 @@ def stats(http: str, topic: str = "telemetry") -> dict:
 
 
 def worker_pids(proc: Proc, count: int) -> list[int]:
-    return wait_until(lambda: (pids := children_of(proc.pid)) and len(pids) >= count and pids, message=f"{count} workers")
+    return wait_until(lambda: (pids := workers_of(proc.pid)) and len(pids) >= count and pids, message=f"{count} workers")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -74,7 +74,7 @@ def test_workers_run_as_batch_work_and_the_broker_does_not(procs, sample_csv):
     proc, http = start_streamer(sample_csv, "--workers=2", "--rate=100")
     procs.append(proc)
     wait_until(lambda: len(stats(http)["producers"]) == 2, message="2 workers publishing")
-    workers = [pid for pid in children_of(proc.pid) if "spawn_main" in open(f"/proc/{pid}/cmdline").read()]
+    workers = workers_of(proc.pid)
     assert len(workers) == 2
     for pid in workers:  # every thread, ZeroMQ's I/O thread included, inherits the policy
         policies = thread_policies(pid)

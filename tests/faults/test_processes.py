@@ -7,20 +7,7 @@ import subprocess
 import sys
 import time
 
-from helpers import ROOT, Proc, alive, children_of, get_json, start_broker, start_streamer, summary, wait_until
-
-
-def workers_of(pid: int) -> list[int]:
-    """The streamer's worker processes (not multiprocessing's resource tracker)."""
-    found = []
-    for child in children_of(pid):
-        try:
-            with open(f"/proc/{child}/cmdline", "rb") as f:
-                if b"spawn_main" in f.read():
-                    found.append(child)
-        except FileNotFoundError:
-            pass
-    return found
+from helpers import ROOT, Proc, alive, get_json, start_broker, start_streamer, summary, wait_until, workers_of
 
 
 def free_port() -> int:
