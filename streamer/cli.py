@@ -123,6 +123,13 @@ def _column_types(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
     envvar=env("BUFFER_MESSAGES"),
     help="Unacknowledged messages a worker holds before it pauses reading.",
 )
+@option(
+    "--linger",
+    type=click.FloatRange(min=0, max=10),
+    default=0.5,
+    envvar=env("LINGER"),
+    help="Below 100 messages/s per worker: seconds a due message may wait to be sent with the others due (each keeps its due time as timestamp); 0 = send each at once.",
+)
 @consumer_options(ENV_PREFIX)
 @persistence_options(ENV_PREFIX)
 @option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="info", envvar=env("LOG_LEVEL"))
@@ -139,6 +146,7 @@ def command(
     shutdown_timeout,
     column_types,
     buffer_messages,
+    linger,
     max_message_bytes,
     log_level,
     log_format,
@@ -168,6 +176,7 @@ def command(
             column_types=column_types,
             shutdown_timeout=shutdown_timeout,
             buffer_messages=buffer_messages,
+            linger=linger,
             max_message_bytes=max_message_bytes,
             log_level=log_level.lower(),
             log_format=log_format,

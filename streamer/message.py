@@ -33,6 +33,18 @@ class Envelope:
         self._prefix = b'{"timestamp":"' + second_prefix(second).encode()
         return self._prefix
 
+    def batch_at(self, rows: list[bytes], first_ns: int, step_ns: int) -> bytes:
+        """The batch body for rows that fell due at first_ns, first_ns + step_ns, ... (a rate
+        limit's lingering chunk, see streamer.rate): each stamped with its own due time."""
+        out = []
+        append = out.append
+        for i, fields in enumerate(rows):
+            due = first_ns + i * step_ns
+            second = due // _NS
+            prefix = self._prefix if second == self._second else self._prefix_for(second)
+            append(b'%s%09dZ","fields":%s}' % (prefix, due - second * _NS, fields))
+        return b"\n".join(out)
+
     def batch(self, rows: list[bytes]) -> bytes:
         """The batch body for these rows: one message per row, each stamped as it is built."""
         out = []

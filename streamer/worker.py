@@ -32,7 +32,8 @@ from .rate import RateLimit
 log = logging.getLogger("streamer.worker")
 
 PROGRESS_INTERVAL_S = 10.0  # "Worker i: Processed N records" at most this often
-STATUS_INTERVAL_S = 1.0
+STATUS_INTERVAL_S = 1.0  # the status the parent's /stats and summary show
+REPORT_INTERVAL_S = 10.0  # an unchanged report goes to the broker again this often (e.g. after its restart)
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 30.0  # backoff while the file is missing or unusable
 _PR_SET_PDEATHSIG = 1
 
@@ -128,7 +129,8 @@ class Worker:
 
     async def _produce(self) -> None:
         cfg, source, destination = self.cfg, self.source, self.destination
-        limit = RateLimit(cfg.rate, cfg.batch_messages) if cfg.rate > 0 else None
+        limit = RateLimit(cfg.rate, cfg.batch_messages, cfg.linger) if cfg.rate > 0 else None
+        lingering = limit is not None and limit.lingering
         chunk = base_chunk = limit.chunk if limit else cfg.batch_messages
         # a batch body stays within the message cap (so the broker's size check never has to
         # split it) and well inside the frame cap; large rows shrink the batches that follow
@@ -149,7 +151,7 @@ class Worker:
             retry = RETRY_MIN_S
             if limit:
                 await limit.acquire(len(batch))
-            body = envelope.batch(batch)
+            body = envelope.batch_at(batch, *limit.due_times(len(batch))) if lingering else envelope.batch(batch)
             if len(body) > self._batch_bytes and len(batch) > 1:
                 chunk = max(1, len(batch) * self._batch_bytes * 9 // (len(body) * 10))
                 await self._publish_split(batch, envelope)
@@ -178,17 +180,21 @@ class Worker:
                 await self.destination.publish(body, len(part))
 
     async def _report_periodically(self) -> None:
+        reported, reported_at = None, 0.0
         while True:
             await asyncio.sleep(STATUS_INTERVAL_S)
             if os.getppid() != self.parent_pid:  # orphaned where PDEATHSIG is unavailable
                 self._stop.set()
-            await self._report_to_broker()
+            now = time.monotonic()
+            if self.source.skipped != reported or now - reported_at >= REPORT_INTERVAL_S:  # no wake-up of the broker for nothing new
+                reported, reported_at = self.source.skipped.copy(), now
+                await self._report_to_broker()
             self._send_status(final=False)
 
     async def _report_to_broker(self) -> None:
         """The worker's own counters (skipped rows) go to the broker's stats."""
         try:
-            await self.destination.report({"name": self.name, "skipped": dict(self.source.skipped), "sent": self.sent})
+            await self.destination.report({"name": self.name, "skipped": dict(self.source.skipped)})
         except Exception:  # the report is informative; never let it stop a drain
             log.debug("%s: report to broker failed", self.label, exc_info=True)
 

@@ -76,3 +76,29 @@ def test_no_start_burst_beyond_one_seconds_worth(rate):
 def test_half_a_message_per_second_is_one_every_two_seconds():
     times = run_virtual(release_times(0.5, 20.0))
     assert times == pytest.approx([0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0, 18.0])
+
+
+@pytest.mark.parametrize("rate, chunk", [(10.0, 5), (50.0, 25), (2.0, 1), (99.0, 49), (100.0, 1)])
+def test_low_rates_wake_once_per_linger(rate, chunk):
+    """Below 100 messages/s a worker is released a chunk per --linger (0.5 s), not a message at a
+    time; from 100/s up, chunks stay 10 ms worth."""
+    assert RateLimit(rate, max_chunk=1000).chunk == chunk
+    times = run_virtual(release_times(rate, 10.0))
+    if chunk > 1:
+        releases = sorted(set(times))
+        assert len(releases) <= 10.0 / 0.5 + 1
+        assert releases[0] == pytest.approx((chunk - 1) / rate)  # the first chunk goes when its last message is due
+    assert abs(len(times) - rate * 10.0) <= chunk
+
+
+def test_lingering_chunks_are_stamped_at_their_due_times():
+    limit = RateLimit(10.0, max_chunk=1000)
+    first, step = limit.due_times(5, now=10_000_000_000)
+    assert (first, step) == (9_600_000_000, 100_000_000)  # the last one is due now, one step apart
+    first, _ = limit.due_times(5, now=10_500_000_000)
+    assert first == 10_100_000_000  # continues right after the previous chunk
+    first, _ = limit.due_times(5, now=11_003_000_000)  # released 3 ms late: keeps its place in the schedule
+    assert first == 10_600_000_000
+    first, _ = limit.due_times(5, now=20_000_000_000)  # after a stall: the schedule starts again
+    assert first == 19_600_000_000
+    assert not RateLimit(10.0, max_chunk=1000, linger=0).lingering
