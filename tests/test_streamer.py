@@ -197,16 +197,19 @@ def test_hung_broker_does_not_hang_the_drain_and_a_second_signal_forces(procs, s
         assert proc.wait(timeout=20) == 1  # messages left unacknowledged: not a clean exit
         assert summary(proc.output)["unacknowledged"] > 0
         assert "shutdown timeout" in proc.output
+        while router.poll(0):  # what the first streamer sent
+            router.recv_multipart()
 
         proc = Proc("streamer", f"--csv={sample_csv}", f"--broker-url=tcp://127.0.0.1:{port}", "--http-port=0", "--rate=50", "--shutdown-timeout=60")
         procs.append(proc)
         proc.wait_for_line("Worker 0 started")
+        assert router.poll(20_000)  # something is sent, and will never be acknowledged
         proc.signal(signal.SIGTERM)
         proc.wait_for_line("Shutdown requested")
         time.sleep(SIGNAL_DEBOUNCE_S + 0.1)  # sooner, it counts as the same request
         started = time.monotonic()
         proc.signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 1
+        assert proc.wait(timeout=20) == 1, proc.output
         assert time.monotonic() - started < 15
         assert "Forced exit:" in proc.output
     finally:
