@@ -49,17 +49,9 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def schedule_as_batch_work() -> bool:
-    """Ask the kernel to treat this process as CPU-bound batch work (SCHED_BATCH, Linux).
-
-    A batch thread does not preempt others when it wakes up. An unthrottled worker hands each
-    batch to its ZeroMQ I/O thread, and a Unix socket carries it in 32 KB pieces, so with every
-    core busy each piece's wake-up used to preempt another busy thread: with two workers on two
-    cores the I/O threads cost ~375 us per batch instead of ~180 (measured per thread from
-    /proc). As batch work (gpu_metrics sample, unthrottled, 3 runs each): 2 workers 3.30-3.35 ->
-    3.35-3.54 M msg/s, with the broker's I/O thread at ~65 us per batch instead of ~160; 1 worker
-    2.07-2.20 -> 2.26-2.30 M (its main thread runs 100% of the time, 95% before). The broker stays
-    an ordinary process, so it still answers at once. Set before any thread starts (threads
-    inherit it); needs no privilege. Returns False where unsupported."""
+    """Ask the kernel to treat this process as CPU-bound batch work (SCHED_BATCH, Linux), so its
+    ZeroMQ I/O thread's wake-ups stop preempting busy threads (measurements: docs/DESIGN.md).
+    Set before any thread starts (threads inherit it); needs no privilege. False where unsupported."""
     if not hasattr(os, "SCHED_BATCH"):
         return False
     try:
