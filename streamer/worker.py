@@ -5,7 +5,7 @@ The per-message path is `Envelope.batch` (one clock read and one format per mess
 else here happens per batch or per pass.
 
 The parent receives a status dict over a pipe about once a second and once more at exit:
-{"sent", "published", "unacked", "rejected", "lost_by_broker", "skipped", "passes", "final"}.
+{"sent", "published", "unacked", "lost_by_broker", "skipped"} (see supervisor.WorkerSlot).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class Worker:
         flushed = await self.destination.flush(self.cfg.shutdown_timeout)
         if not flushed:
             log.warning("%s: shutdown timeout (%.1f s): %d messages unacknowledged", self.label, self.cfg.shutdown_timeout, self.destination.unacked)
-        self._send_status(final=True)
+        self._send_status()
         await self.destination.close()
         log.info("%s stopped: published=%d unacknowledged=%d", self.label, self.destination.published, self.destination.unacked)
         if isinstance(results[0], Exception) and not isinstance(results[0], asyncio.CancelledError):
@@ -171,25 +171,22 @@ class Worker:
             if os.getppid() != self.parent_pid:  # orphaned where PDEATHSIG is unavailable
                 self._stop.set()
             await self._report_to_broker()
-            self._send_status(final=False)
+            self._send_status()
 
     async def _report_to_broker(self) -> None:
-        """The worker's own counters (skipped rows) go to the broker's stats."""
+        """The worker's name and skipped rows go to the broker's stats (`producers`, `skipped`)."""
         try:
-            await self.destination.report({"name": self.name, "skipped": dict(self.source.skipped), "sent": self.sent})
+            await self.destination.report({"name": self.name, "skipped": dict(self.source.skipped)})
         except Exception:  # the report is informative; never let it stop a drain
             log.debug("%s: report to broker failed", self.label, exc_info=True)
 
-    def _send_status(self, final: bool) -> None:
+    def _send_status(self) -> None:
         status = {
             "sent": self.sent,
             "published": self.destination.published,
             "unacked": self.destination.unacked,
-            "rejected": self.destination.rejected,
             "lost_by_broker": self.destination.lost_by_broker,
             "skipped": dict(self.source.skipped),
-            "passes": self.source.passes,
-            "final": final,
         }
         try:
             self.status.send(status)
