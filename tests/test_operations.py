@@ -5,9 +5,8 @@ import json
 import signal
 import urllib.request
 
-from helpers import Proc, get_json, start_broker, start_streamer, wait_until
+from helpers import Proc, get_json, publish_numbered, start_broker, start_streamer, wait_until
 from prometheus_client.parser import text_string_to_metric_families
-from test_subscribe import publish
 
 from broker.client import Consumer
 
@@ -22,7 +21,7 @@ def scrape(http: str) -> dict[tuple[str, tuple], float]:
 def test_metrics_parse_and_agree_with_stats(procs, tmp_path):
     proc, url, http = start_broker("--persistence", f"--persistence-dir={tmp_path}", "--fsync=always", "--ack-timeout=0.3s", "--max-deliveries=1")
     procs.append(proc)
-    asyncio.run(publish(url, 2500))
+    asyncio.run(publish_numbered(url, 2500))
 
     async def leave_one_unacknowledged():
         consumer = Consumer(url, "telemetry", "g", credit=1)
