@@ -15,7 +15,7 @@ from streamer.supervisor import SIGNAL_DEBOUNCE_S
 
 
 def worker_pids(proc: Proc, count: int) -> list[int]:
-    return wait_until(lambda: (pids := children_of(proc.pid)) and len(pids) >= count and pids, message=f"{count} workers")
+    return wait_until(lambda: len(pids := workers_of(proc.pid)) >= count and pids, message=f"{count} workers")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -23,8 +23,7 @@ def test_signal_drains_and_nothing_is_lost(procs, sample_csv, signum):
     proc, http = start_streamer(sample_csv, "--workers=2", "--rate=200")
     procs.append(proc)
     pids = worker_pids(proc, 2)
-    wait_until(lambda: topic_stats(http)["messages"] >= 100, message="100 messages")
-    body = topic_stats(http)
+    body = wait_until(lambda: (b := topic_stats(http))["messages"] >= 100 and len(b["producers"]) == 2 and b, message="100 messages, from both workers")
     assert len(body["producers"]) == 2 and body["uptime_s"] > 0
     proc.signal(signum)
     assert proc.wait() == 0, proc.output
