@@ -121,11 +121,26 @@ def get_json(url: str) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
+def _started(proc: Proc, pattern: str) -> re.Match:
+    """The line that says `proc` is up; a process that never says so is killed, not left behind."""
+    try:
+        return proc.wait_for_line(pattern)
+    except BaseException:
+        proc.kill()
+        raise
+
+
 def start_streamer(csv: str, *args: str, env: dict | None = None) -> tuple[Proc, str]:
     """Start telemetry-streamer with its embedded broker on free ports; returns it and its HTTP URL."""
     proc = Proc("streamer", f"--csv={csv}", "--broker-port=0", "--http-port=0", *args, env=env)
-    match = proc.wait_for_line(r"HTTP (http://\S+) ")
-    return proc, match.group(1)
+    return proc, _started(proc, r"HTTP (http://\S+) ").group(1)
+
+
+def start_streamer_to(broker_url: str, csv: str, *args: str) -> tuple[Proc, str]:
+    """Start telemetry-streamer publishing to a separate broker; returns it and its own HTTP URL
+    (/healthz, /readyz, /stats, /metrics) on a free port."""
+    proc = Proc("streamer", f"--csv={csv}", f"--broker-url={broker_url}", "--http-port=0", *args)
+    return proc, _started(proc, r"Streamer HTTP (http://\S+) ").group(1)
 
 
 def topic_stats(http: str, topic: str = "telemetry") -> dict:
@@ -138,7 +153,7 @@ def topic_stats(http: str, topic: str = "telemetry") -> dict:
 def start_broker(*args: str) -> tuple[Proc, str, str]:
     """Start telemetry-broker serve on free ports; returns it, its ZeroMQ URL and its HTTP URL."""
     proc = Proc("broker", "serve", "--port=0", "--http-port=0", *args)
-    match = proc.wait_for_line(r"ZeroMQ (\S+), HTTP (http://\S+) ")
+    match = _started(proc, r"ZeroMQ (\S+), HTTP (http://\S+) ")
     return proc, match.group(1).rstrip(","), match.group(2)
 
 

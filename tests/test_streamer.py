@@ -8,7 +8,21 @@ from collections import Counter
 
 import orjson
 import pytest
-from helpers import Proc, alive, children_of, fake_broker, find_tool, get_json, start_broker, start_streamer, summary, topic_stats, wait_until, workers_of
+from helpers import (
+    Proc,
+    alive,
+    children_of,
+    fake_broker,
+    find_tool,
+    get_json,
+    start_broker,
+    start_streamer,
+    start_streamer_to,
+    summary,
+    topic_stats,
+    wait_until,
+    workers_of,
+)
 
 from broker import protocol as p
 from streamer.supervisor import SIGNAL_DEBOUNCE_S
@@ -99,7 +113,7 @@ def test_bad_rows_are_counted_in_stats_and_the_stream_goes_on(procs, tmp_path):
 def test_external_broker(procs, sample_csv):
     broker, zmq_url, http = start_broker()
     procs.append(broker)
-    streamer = Proc("streamer", f"--csv={sample_csv}", f"--broker-url={zmq_url}", "--http-port=0", "--workers=2", "--rate=100")
+    streamer, _ = start_streamer_to(zmq_url, sample_csv, "--workers=2", "--rate=100")
     procs.append(streamer)
     wait_until(lambda: topic_stats(http)["messages"] >= 50, message="50 messages at the external broker")
     streamer.signal(signal.SIGTERM)
@@ -280,9 +294,8 @@ def test_buffer_messages_bounds_what_a_worker_holds_unacknowledged(procs, sample
     """Against a broker that never acknowledges, a worker sends --buffer-messages messages and
     then pauses reading (backpressure) instead of sending on."""
     with fake_broker() as (router, url):
-        proc = Proc("streamer", f"--csv={sample_csv}", f"--broker-url={url}", "--http-port=0", "--rate=1000", "--buffer-messages=50", "--shutdown-timeout=1")
+        proc, own_http = start_streamer_to(url, sample_csv, "--rate=1000", "--buffer-messages=50", "--shutdown-timeout=1")
         procs.append(proc)
-        own_http = proc.wait_for_line(r"Streamer HTTP (http://\S+) ").group(1)
         highest = 0  # the end of the highest sequence number received (resends included)
 
         def received() -> int:

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from helpers import ROOT, Proc, alive, free_port, get_json, start_broker, start_streamer, summary, wait_until, workers_of
+from helpers import ROOT, Proc, alive, free_port, get_json, start_broker, start_streamer, start_streamer_to, summary, wait_until, workers_of
 
 
 def unacknowledged(http: str) -> float:
@@ -92,9 +92,8 @@ def test_broker_killed_and_restarted_stream_continues_exactly_once(procs, sample
 def test_stopped_broker_does_not_hang_the_drain(procs, sample_csv):
     broker, zmq_url, http = start_broker()
     procs.append(broker)
-    streamer = Proc("streamer", f"--csv={sample_csv}", f"--broker-url={zmq_url}", "--rate=100", "--http-port=0", "--shutdown-timeout=2")
+    streamer, own_http = start_streamer_to(zmq_url, sample_csv, "--rate=100", "--shutdown-timeout=2")
     procs.append(streamer)
-    own_http = streamer.wait_for_line(r"Streamer HTTP (http://\S+) ").group(1)
     wait_until(lambda: messages(http) >= 20)
     broker.signal(signal.SIGSTOP)
     try:
@@ -205,9 +204,8 @@ def test_a_restarted_workers_slot_keeps_its_counts(procs, sample_csv):
     the broker counted it per producer."""
     broker, zmq_url, http = start_broker()
     procs.append(broker)
-    streamer = Proc("streamer", f"--csv={sample_csv}", f"--broker-url={zmq_url}", "--http-port=0", "--workers=2", "--rate=100")
+    streamer, own_http = start_streamer_to(zmq_url, sample_csv, "--workers=2", "--rate=100")
     procs.append(streamer)
-    own_http = streamer.wait_for_line(r"Streamer HTTP (http://\S+) ").group(1)
 
     def worker0() -> dict:
         return get_json(f"{own_http}/stats")[1]["workers"]["0"]
