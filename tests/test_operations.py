@@ -5,9 +5,8 @@ import json
 import signal
 import urllib.request
 
-from helpers import Proc, get_json, start_broker, start_streamer, wait_until
+from helpers import fake_broker, get_json, publish_numbered, start_broker, start_streamer, start_streamer_to, wait_until
 from prometheus_client.parser import text_string_to_metric_families
-from test_subscribe import publish
 
 from broker.client import Consumer
 
@@ -22,7 +21,7 @@ def scrape(http: str) -> dict[tuple[str, tuple], float]:
 def test_metrics_parse_and_agree_with_stats(procs, tmp_path):
     proc, url, http = start_broker("--persistence", f"--persistence-dir={tmp_path}", "--fsync=always", "--ack-timeout=0.3s", "--max-deliveries=1")
     procs.append(proc)
-    asyncio.run(publish(url, 2500))
+    asyncio.run(publish_numbered(url, 2500))
 
     async def leave_one_unacknowledged():
         consumer = Consumer(url, "telemetry", "g", credit=1)
@@ -64,16 +63,9 @@ def test_json_logs_are_one_object_per_line(procs, sample_csv):
 
 
 def test_readyz_fails_as_soon_as_a_drain_begins_while_healthz_holds_until_exit(procs, sample_csv):
-    import zmq
-
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)  # a broker that accepts and never acknowledges: the drain lasts
-    router.setsockopt(zmq.LINGER, 0)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    try:
-        proc = Proc("streamer", f"--csv={sample_csv}", f"--broker-url=tcp://127.0.0.1:{port}", "--rate=50", "--shutdown-timeout=4", "--http-port=0")
+    with fake_broker() as (router, url):  # accepts and never acknowledges: the drain lasts
+        proc, http = start_streamer_to(url, sample_csv, "--rate=50", "--shutdown-timeout=4")
         procs.append(proc)
-        http = proc.wait_for_line(r"Streamer HTTP (http://\S+) ").group(1)
         assert get_json(f"{http}/readyz")[0] == 200 and get_json(f"{http}/healthz")[0] == 200
         assert router.poll(20_000)
         proc.signal(signal.SIGTERM)
@@ -81,9 +73,6 @@ def test_readyz_fails_as_soon_as_a_drain_begins_while_healthz_holds_until_exit(p
         assert get_json(f"{http}/healthz")[0] == 200  # still alive while draining
         assert proc.popen.poll() is None
         assert proc.wait(timeout=30) == 1  # messages left unacknowledged
-    finally:
-        router.close()
-        ctx.term()
 
 
 def test_one_scrape_shows_broker_and_workers(procs, tmp_path):

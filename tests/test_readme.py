@@ -6,8 +6,7 @@ import re
 import subprocess
 import sys
 
-from helpers import ROOT, start_broker, wait_until
-from test_subscribe import publish
+from helpers import ROOT, publish_numbered, start_broker, wait_until
 
 
 def readme_python_blocks() -> list[str]:
@@ -20,7 +19,7 @@ def test_the_consumer_example_runs_as_written(procs):
     assert len([line for line in example.splitlines() if line.strip()]) <= 10  # "a ten-line consumer example"
     proc, url, _ = start_broker()
     procs.append(proc)
-    asyncio.run(publish(url, 5))
+    asyncio.run(publish_numbered(url, 5))
     run = subprocess.Popen([sys.executable, "-c", example.replace("tcp://127.0.0.1:5555", url)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         lines = []

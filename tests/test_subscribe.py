@@ -11,10 +11,10 @@ import urllib.request
 import orjson
 import pytest
 import zmq
-from helpers import ROOT, Proc, get_json, start_broker, wait_until
+from helpers import ROOT, Proc, get_json, publish_numbered, start_broker, wait_until
 
 from broker import protocol as p
-from broker.client import BlockingSubscriber, Publisher, Subscriber
+from broker.client import BlockingSubscriber, Subscriber
 
 
 @pytest.fixture
@@ -23,17 +23,6 @@ def broker(procs, tmp_path, request):
     proc, zmq_url, http = start_broker(*args)
     procs.append(proc)
     return proc, zmq_url, http
-
-
-async def publish(url: str, count: int, batch: int = 100, topic: str = "telemetry", pad: int = 0) -> Publisher:
-    pub = Publisher(url, topic)
-    await pub.start()
-    for first in range(0, count, batch):
-        n = min(batch, count - first)
-        await pub.publish(b"\n".join(orjson.dumps({"i": i, "pad": "x" * pad} if pad else {"i": i}) for i in range(first, first + n)), n)
-    assert await pub.flush(30)
-    await pub.close()
-    return pub
 
 
 async def collect(sub: Subscriber, count: int, timeout: float = 30) -> list[tuple[int, int]]:
@@ -59,7 +48,7 @@ def test_fan_out_to_several_subscribers_in_order(broker):
         await asyncio.sleep(0)
         wait_until(lambda: len(get_json(f"{http}/stats/telemetry")[1]["subscribers"]) == 3, message="3 subscribers")
         results = asyncio.gather(*(collect(sub, 5000) for sub in subs))
-        await publish(url, 5000)
+        await publish_numbered(url, 5000)
         received = await results
         for sub in subs:
             await sub.close()
@@ -83,7 +72,7 @@ def test_a_stalled_subscriber_never_slows_producers_and_its_drops_are_counted(br
     stalled.send_multipart(p.subscribe_frames(b"telemetry", credit=10))  # and never grants more
     wait_until(lambda: get_json(f"{http}/stats/telemetry")[1]["subscribers"], message="the subscriber")
     started = time.monotonic()
-    pub = asyncio.run(publish(url, 200_000, batch=1000, pad=200))  # 40 MB: far past any socket buffer
+    pub = asyncio.run(publish_numbered(url, 200_000, batch=1000, pad=200))  # 40 MB: far past any socket buffer
     elapsed = time.monotonic() - started
     assert pub.published == 200_000 and pub.resends == 0  # every batch acknowledged on the first try
     assert elapsed < 60
@@ -95,7 +84,7 @@ def test_a_stalled_subscriber_never_slows_producers_and_its_drops_are_counted(br
     while stalled.poll(1000):
         frames.append(stalled.recv_multipart())
     stalled.send_multipart(p.credit_frames(b"telemetry", 10))
-    asyncio.run(publish(url, 1))
+    asyncio.run(publish_numbered(url, 1))
     assert stalled.poll(10_000)
     frames.append(stalled.recv_multipart())
     headers = [p.DELIVER_HEADER.unpack(f[3]) for f in frames]
@@ -112,10 +101,10 @@ def test_replay_from_offset_from_beginning_and_from_time(procs, tmp_path, broker
     args = [a.replace("PLACEHOLDER", str(tmp_path)) for a in broker]
     proc, url, http = start_broker(*args)
     procs.append(proc)
-    asyncio.run(publish(url, 3000))
+    asyncio.run(publish_numbered(url, 3000))
     middle = time.time_ns()
     time.sleep(0.01)  # a clear gap in receive times between the two halves
-    asyncio.run(publish(url, 3000, topic="telemetry"))
+    asyncio.run(publish_numbered(url, 3000, topic="telemetry"))
 
     async def replays():
         from_offset = Subscriber(url, "telemetry", from_offset=2500)
@@ -156,7 +145,7 @@ def test_sse_stream_through_a_real_http_client(broker):
     reader = threading.Thread(target=read_stream, daemon=True)
     reader.start()
     wait_until(lambda: get_json(f"{http}/stats/telemetry")[1]["subscribers"], message="the SSE subscriber")
-    asyncio.run(publish(url, 300, batch=30))
+    asyncio.run(publish_numbered(url, 300, batch=30))
     reader.join(30)
     assert [m["i"] for m in lines] == list(range(300))
     assert get_json(f"{http}/topics/nope/stream")[0] == 404
@@ -164,7 +153,7 @@ def test_sse_stream_through_a_real_http_client(broker):
 
 def test_tail_in_a_pipe_with_meta_and_count(broker, tmp_path):
     _, url, _ = broker
-    asyncio.run(publish(url, 50))
+    asyncio.run(publish_numbered(url, 50))
     result = subprocess.run(
         f"{sys.executable} -m broker tail --broker-url={url} --from-offset=10 --meta --count=5",
         shell=True,
@@ -195,7 +184,7 @@ def test_tail_exits_cleanly_on_ctrl_c(broker):
 
 def test_blocking_subscriber(broker):
     _, url, _ = broker
-    asyncio.run(publish(url, 20))
+    asyncio.run(publish_numbered(url, 20))
     with BlockingSubscriber(url, "telemetry", from_beginning=True) as sub:
         got = [next(sub) for _ in range(20)]
     assert [offset for offset, _ in got] == list(range(20))

@@ -5,8 +5,8 @@ The worker's loop only ever talks to a `Destination`:
     await dest.start()                      connect; raise DestinationError if it cannot work at all
     await dest.publish(body, count)         `count` newline-joined messages; waits while the window
                                             of unacknowledged messages is full (backpressure)
-    dest.published / unacked / rejected / lost_by_broker     counters, read any time
-    await dest.report(counters)             the worker's own counters (skipped rows, sent), if the
+    dest.published / unacked / lost_by_broker     counters, read any time
+    await dest.report(counters)             the worker's own counters (name, skipped rows), if the
                                             destination keeps them anywhere
     await dest.flush(timeout) -> bool       wait until everything published is acknowledged
     await dest.close()
@@ -30,7 +30,6 @@ class DestinationError(Exception):
 class Destination(Protocol):
     producer_id: bytes
     published: int
-    rejected: int
     lost_by_broker: int
 
     @property

@@ -2,18 +2,11 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-from helpers import ROOT, Proc, alive, get_json, start_broker, start_streamer, summary, wait_until, workers_of
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import ROOT, Proc, alive, free_port, get_json, start_broker, start_streamer, start_streamer_to, summary, wait_until, workers_of
 
 
 def unacknowledged(http: str) -> float:
@@ -99,9 +92,8 @@ def test_broker_killed_and_restarted_stream_continues_exactly_once(procs, sample
 def test_stopped_broker_does_not_hang_the_drain(procs, sample_csv):
     broker, zmq_url, http = start_broker()
     procs.append(broker)
-    streamer = Proc("streamer", f"--csv={sample_csv}", f"--broker-url={zmq_url}", "--rate=100", "--http-port=0", "--shutdown-timeout=2")
+    streamer, own_http = start_streamer_to(zmq_url, sample_csv, "--rate=100", "--shutdown-timeout=2")
     procs.append(streamer)
-    own_http = streamer.wait_for_line(r"Streamer HTTP (http://\S+) ").group(1)
     wait_until(lambda: messages(http) >= 20)
     broker.signal(signal.SIGSTOP)
     try:
@@ -173,3 +165,58 @@ def test_publisher_carries_on_when_the_broker_lost_acknowledged_messages(procs, 
     records = [orjson.loads(line) for line in dump.stdout.splitlines()]
     assert [r["message"]["v"] for r in records] == [*range(100), *range(200, 250)]  # the rest once each, in order
     assert len({r["producer"] for r in records}) == 2
+
+
+def test_a_crash_looping_worker_is_given_up_and_the_others_go_on(procs, sample_csv):
+    """A worker that dies again and again (here: killed each time it is replaced) is given up after
+    CRASH_LOOP_RESTARTS restarts within the window, and not restarted again; the other worker
+    keeps streaming, and the exit code says a worker was lost. The real command, with its restart
+    backoff (1 s doubling) shortened so that the loop takes seconds instead of half a minute."""
+    from streamer.supervisor import CRASH_LOOP_RESTARTS
+
+    driver = "import streamer.supervisor as s; s.RESTART_MIN_S = s.RESTART_MAX_S = 0.05; from streamer.cli import main; main()"
+    proc = Proc(argv=[sys.executable, "-c", driver, f"--csv={sample_csv}", "--broker-port=0", "--http-port=0", "--workers=2", "--rate=100"])
+    procs.append(proc)
+    http = proc.wait_for_line(r"HTTP (http://\S+) ").group(1)
+    killed: set[int] = set()
+
+    def worker(index: str) -> dict:
+        return get_json(f"{http}/stats/telemetry")[1]["workers"][index]
+
+    for _ in range(CRASH_LOOP_RESTARTS + 1):
+        pid = wait_until(lambda: (w := worker("0"))["running"] and w["pid"] not in killed and w["pid"], message="worker 0 (re)started")
+        os.kill(pid, signal.SIGKILL)
+        killed.add(pid)
+    proc.wait_for_line(r"Worker 0 exited unexpectedly .* giving up on it")
+    given_up = worker("0")
+    assert given_up["given_up"] and given_up["restarts"] == CRASH_LOOP_RESTARTS
+    published = worker("1")["published"]
+    wait_until(lambda: worker("1")["published"] >= published + 100, message="worker 1 to go on")  # >= 1 s: 20 restart delays
+    assert not worker("0")["running"] and worker("0")["pid"] is None and worker("1")["restarts"] == 0
+    assert len(workers_of(proc.pid)) == 1
+    proc.signal(signal.SIGTERM)
+    assert proc.wait() == 1, proc.output
+
+
+def test_a_restarted_workers_slot_keeps_its_counts(procs, sample_csv):
+    """Worker 0 exits (SIGTERM to it alone: it flushes and reports its final counts) and is
+    replaced; at the end its slot's published count is what all of its processes published, as
+    the broker counted it per producer."""
+    broker, zmq_url, http = start_broker()
+    procs.append(broker)
+    streamer, own_http = start_streamer_to(zmq_url, sample_csv, "--workers=2", "--rate=100")
+    procs.append(streamer)
+
+    def worker0() -> dict:
+        return get_json(f"{own_http}/stats")[1]["workers"]["0"]
+
+    first = wait_until(lambda: (w := worker0())["published"] >= 100 and w["pid"], message="worker 0 to publish 100")
+    os.kill(first, signal.SIGTERM)
+    wait_until(lambda: (w := worker0())["restarts"] == 1 and w["running"] and w["pid"] != first, timeout=30, message="worker 0 replaced")
+    wait_until(lambda: len(get_json(f"{http}/stats/telemetry")[1]["producers"]) == 3, message="the replacement publishing")
+    streamer.signal(signal.SIGTERM)
+    assert streamer.wait() == 0, streamer.output
+    producers = get_json(f"{http}/stats/telemetry")[1]["producers"].values()
+    from_worker_0 = [p["messages"] for p in producers if p["name"].startswith("worker-0@")]
+    assert len(from_worker_0) == 2 and min(from_worker_0) > 0
+    assert summary(streamer.output)["workers"][0] == sum(from_worker_0)
