@@ -1,9 +1,10 @@
 // telemetry console: reads GET /stats once a second and one topic's Server-Sent Events stream
 // (GET /topics/<topic>/stream), through fetch() so that a token, when the server asks for one,
 // goes in an Authorization header and never in a URL. Everything it keeps is bounded: the
-// chart's history (CHART_POINTS samples per topic, at most CHART_TOPICS topics) and the tail
-// (TAIL_KEEP messages). Sections the server does not send are hidden, and keys it does not know
-// are shown as JSON under "Other state", so the same page serves the broker and the streamer.
+// chart's history (CHART_POINTS samples per topic the server still has; CHART_TOPICS drawn)
+// and the tail (TAIL_KEEP messages shown; the array is trimmed back to that at twice as many).
+// Sections the server does not send are hidden, and keys it does not know are shown as JSON
+// under "Other state", so the same page serves the broker and the streamer.
 "use strict";
 
 const POLL_MS = 1000;
@@ -222,7 +223,7 @@ function renderOverview(stats, topics) {
   if (list.length) {
     cards.push(card("Messages", count(sum(Object.fromEntries(list.map((t) => [t.topic, t.messages])))), list.length + (list.length === 1 ? " topic" : " topics")));
     cards.push(card("Rate", rate(list.reduce((a, t) => a + (t.rate || 0), 0)), "last 10 s"));
-    cards.push(card("Bytes", bytes(list.reduce((a, t) => a + (t.bytes || 0), 0)), "message bytes accepted"));
+    cards.push(card("Bytes", bytes(list.reduce((a, t) => a + (t.bytes || 0), 0)), "of messages"));
     const groups = list.reduce((a, t) => a + Object.keys(t.groups || {}).length, 0);
     const subs = list.reduce((a, t) => a + Object.keys(t.subscribers || {}).length, 0);
     cards.push(card("Readers", count(groups + subs), `${groups} groups · ${subs} subscribers`));
@@ -239,24 +240,28 @@ function renderOverview(stats, topics) {
 
 // -- the rate chart ------------------------------------------------------------------------------
 
+// One point per poll: messages accepted between two answers over the server's own clock
+// (uptime_s), so a late answer does not show as a spike; placed at the browser's time.
 function recordRates(topics) {
   const now = Date.now() / 1000;
   for (const [name, t] of Object.entries(topics)) {
     let s = state.series.get(name);
     if (!s) state.series.set(name, (s = { points: [], last: null }));
-    if (s.last && t.messages >= s.last[1] && now > s.last[0]) s.points.push([now, (t.messages - s.last[1]) / (now - s.last[0])]);
-    else if (s.last) s.points.push([now, null]); // the count went back: the broker restarted
-    s.last = [now, t.messages];
+    const at = t.uptime_s ?? now;
+    if (s.last && t.messages >= s.last[1] && at > s.last[0]) s.points.push([now, (t.messages - s.last[1]) / (at - s.last[0])]);
+    else if (s.last && at !== s.last[0]) s.points.push([now, null]); // the count went back: the broker restarted
+    s.last = [at, t.messages];
     if (s.points.length > CHART_POINTS) s.points.splice(0, s.points.length - CHART_POINTS);
   }
   for (const name of state.series.keys()) if (!(name in topics)) state.series.delete(name);
 }
 
+// the chart's top: four gridline steps of 1, 2, 2.5 or 5 times a power of ten
 function niceMax(v) {
-  if (v <= 0) return 1;
-  const p = Math.pow(10, Math.floor(Math.log10(v)));
-  for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p;
-  return 10 * p;
+  if (v <= 0) return 4;
+  const step = v / 4, p = Math.pow(10, Math.floor(Math.log10(step)));
+  for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= step) return 4 * m * p;
+  return 40 * p;
 }
 
 function renderChart() {
@@ -329,10 +334,10 @@ function renderTopics(topics, names) {
       ["Messages", (t) => count(t.messages), { title: (t) => Number(t.messages).toLocaleString("en-US") }],
       ["Rate", (t) => rate(t.rate)],
       ["Bytes", (t) => bytes(t.bytes)],
-      ["Next offset", (t) => count(t.next_offset)],
-      ["Duplicates", (t) => warnIf(t.duplicates)],
-      ["Rejected", (t) => warnIf(sum(t.rejected), "badnum")],
-      ["Producers", (t) => count(Object.keys(t.producers || {}).length)],
+      ["Next offset", (t) => count(t.next_offset), { cls: "opt" }],
+      ["Duplicates", (t) => warnIf(t.duplicates), { cls: "opt" }],
+      ["Rejected", (t) => warnIf(sum(t.rejected), "badnum"), { cls: "opt" }],
+      ["Producers", (t) => count(Object.keys(t.producers || {}).length), { cls: "opt" }],
       ["Log", (t) => (t.persistence ? bytes(t.persistence.bytes ?? t.persistence.log_bytes) : el("span", { class: "badge", text: "memory" }))],
     ],
     names.map((n) => topics[n]),
@@ -348,12 +353,12 @@ function renderProducers(topics, names) {
   renderTable(
     $("producers-table"),
     [
-      ["Producer", (p) => p.name || "–", { cls: "text", title: (p) => "id " + p.id }],
+      ["Producer", (p) => p.name || (p.topic.endsWith(".dlq") ? "broker (dead letters)" : "id " + p.id.slice(0, 8) + "…"), { cls: "text", title: (p) => "id " + p.id }],
       ["Topic", (p) => p.topic, { cls: "text" }],
       ["Messages", (p) => count(p.messages)],
-      ["Bytes", (p) => bytes(p.bytes)],
-      ["Duplicates", (p) => warnIf(p.duplicates)],
-      ["Next seq", (p) => count(p.next_seq)],
+      ["Bytes", (p) => bytes(p.bytes), { cls: "opt" }],
+      ["Duplicates", (p) => warnIf(p.duplicates), { cls: "opt" }],
+      ["Next seq", (p) => count(p.next_seq), { cls: "opt" }],
       ["Last seen", (p) => ago(p.last_seen), { title: (p) => p.last_seen }],
     ],
     rows,
@@ -374,13 +379,13 @@ function renderWorkers(workers) {
     [
       ["Worker", (w) => w.index, { cls: "text" }],
       ["State", (w) => el("span", { class: "badge " + (w.running ? "ok" : "bad"), text: w.given_up ? "given up" : w.running ? "running" : "stopped" })],
-      ["PID", (w) => w.pid ?? "–"],
-      ["Sent", (w) => count(w.sent)],
+      ["PID", (w) => w.pid ?? "–", { cls: "opt" }],
+      ["Sent", (w) => count(w.sent), { cls: "opt" }],
       ["Published", (w) => count(w.published)],
-      ["Unacknowledged", (w) => count(w.unacknowledged)],
+      ["Unacknowledged", (w) => count(w.unacknowledged), { cls: "opt" }],
       ["Restarts", (w) => warnIf(w.restarts)],
       ["Lost by broker", (w) => warnIf(w.lost_by_broker, "badnum")],
-      ["Skipped", (w) => (sum(w.skipped) ? Object.entries(w.skipped).map(([r, c]) => `${r.replaceAll("_", " ")} ${count(c)}`).join(", ") : "0"), { cls: "text" }],
+      ["Skipped", (w) => (sum(w.skipped) ? Object.entries(w.skipped).map(([r, c]) => `${r.replaceAll("_", " ")} ${count(c)}`).join(", ") : "0"), { cls: "text opt" }],
     ],
     rows,
     "No workers.",
@@ -396,11 +401,11 @@ function renderGroups(topics, names) {
     [
       ["Group", (g) => g.group, { cls: "text" }],
       ["Topic", (g) => g.topic, { cls: "text" }],
-      ["Consumers", (g) => count(g.consumers)],
+      ["Consumers", (g) => count(g.consumers), { cls: "opt" }],
       ["Lag", (g) => warnIf(g.lag)],
       ["Pending", (g) => count(g.in_flight), { title: () => "delivered, not yet acknowledged" }],
-      ["Committed", (g) => count(g.committed)],
-      ["Delivered", (g) => count(g.delivered)],
+      ["Committed", (g) => count(g.committed), { cls: "opt" }],
+      ["Delivered", (g) => count(g.delivered), { cls: "opt" }],
       ["Redelivered", (g) => warnIf(g.redelivered)],
       ["Dead-lettered", (g) => warnIf(g.dead_lettered, "badnum")],
     ],
@@ -411,15 +416,16 @@ function renderGroups(topics, names) {
 
 function renderSubscribers(topics, names) {
   const rows = [];
-  for (const n of names) for (const [id, s] of Object.entries(topics[n].subscribers || {})) rows.push({ topic: n, id, ...s });
+  let peers = 0; // a ZeroMQ subscriber's id is its socket identity (bytes): shown as "peer N"
+  for (const n of names) for (const [id, s] of Object.entries(topics[n].subscribers || {})) rows.push({ topic: n, id, label: s.kind === "zmq" ? `peer ${++peers}` : id, ...s });
   $("subscribers-section").hidden = names.length === 0;
   renderTable(
     $("subscribers-table"),
     [
-      ["Subscriber", (s) => (s.kind === "sse" ? s.id : s.id.slice(0, 18) + (s.id.length > 18 ? "…" : "")), { cls: "text", title: (s) => s.id }],
+      ["Subscriber", (s) => s.label, { cls: "text", title: (s) => s.id }],
       ["Topic", (s) => s.topic, { cls: "text" }],
       ["Kind", (s) => (s.kind === "sse" ? "SSE" : s.kind === "zmq" ? "ZeroMQ" : s.kind || "–"), { cls: "text" }],
-      ["State", (s) => el("span", { class: "badge " + (s.live ? "ok" : ""), text: s.live ? "live" : "replaying" })],
+      ["State", (s) => el("span", { class: "badge " + (s.live ? "ok" : ""), text: s.live ? "live" : "replaying" }), { cls: "opt" }],
       ["Credit", (s) => (s.credit === undefined ? "–" : count(s.credit))],
       ["Delivered", (s) => count(s.delivered)],
       ["Dropped", (s) => warnIf(s.dropped, "badnum")],
@@ -543,7 +549,7 @@ function onEvent(event) {
 function addEntry(entry) {
   const tail = state.tail;
   tail.entries.push(entry);
-  if (tail.entries.length > TAIL_KEEP) tail.entries.splice(0, tail.entries.length - TAIL_KEEP);
+  if (tail.entries.length >= 2 * TAIL_KEEP) tail.entries.splice(0, tail.entries.length - TAIL_KEEP); // trimmed in chunks, not per message
   if (tail.paused) {
     tail.pending++;
     setTailStatus(`paused · ${count(tail.pending)} new`);
@@ -556,14 +562,14 @@ let tailFrame = 0;
 const fresh = [];
 function scheduleTailRender() {
   fresh.push(state.tail.entries.at(-1));
-  if (fresh.length > TAIL_KEEP) fresh.splice(0, fresh.length - TAIL_KEEP);
+  if (fresh.length >= 2 * TAIL_KEEP) fresh.splice(0, fresh.length - TAIL_KEEP);
   if (!tailFrame) tailFrame = requestAnimationFrame(flushTail);
 }
 
 function flushTail() {
   tailFrame = 0;
   const list = $("tail");
-  const nodes = fresh.splice(0).reverse().map(entryNode);
+  const nodes = fresh.splice(0).slice(-TAIL_KEEP).reverse().map(entryNode);
   list.prepend(...nodes);
   while (list.childElementCount > TAIL_KEEP) list.lastElementChild.remove();
   setTailStatus(`${count(state.tail.received)} messages received on ${state.tail.topic}` + (state.tail.lastId !== null ? ` · last offset ${state.tail.lastId}` : ""));
@@ -590,7 +596,7 @@ function applyFilter(li) {
 
 function rerenderTail() {
   fresh.length = 0;
-  $("tail").replaceChildren(...state.tail.entries.slice().reverse().map(entryNode));
+  $("tail").replaceChildren(...state.tail.entries.slice(-TAIL_KEEP).reverse().map(entryNode));
 }
 
 // JSON syntax colouring with text nodes only (never innerHTML: messages are untrusted text)
