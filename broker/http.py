@@ -121,20 +121,18 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     topic = broker.topics.get(name)
     if topic is None:
         return json_response({"error": f"unknown topic {name!r}"}, status=404)
-    cursor = _resume_from(request)
+    resume = _resume_from(request)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await response.prepare(request)
     sub = broker.add_sse_subscriber(topic)
     try:
         await response.write(b"retry: %d\n: subscribed to %b\n\n" % (SSE_RETRY_MS, name.encode()))
-        if cursor is not None:
-            if cursor > topic.next_offset:  # offsets went back: a broker without persistence restarted
-                await response.write(_missed(None, f"offset {cursor - 1} is past the topic's end ({topic.next_offset}); continuing live"))
-                cursor = topic.next_offset
-            cursor = await _catch_up(response, topic, cursor)
-        else:
-            cursor = topic.next_offset
-        resuming = cursor is not None
+        cursor = topic.next_offset  # the next offset owed to the client
+        if resume is not None and resume > cursor:  # offsets went back: a broker without persistence restarted
+            await response.write(_missed(None, f"offset {resume - 1} is past the topic's end ({cursor}); continuing live"))
+        elif resume is not None:
+            cursor = await _catch_up(response, topic, resume)
+        resuming = resume is not None
         while True:
             span, _ = await sub.queue.get()
             end = span.first_offset + span.count
@@ -142,7 +140,7 @@ async def _stream(request: web.Request) -> web.StreamResponse:
                 continue  # already sent by the catch-up
             head = b""
             if span.first_offset > cursor:  # the live queue overflowed and dropped spans
-                if resuming:  # still catching up: what was dropped is read from the topic
+                if resuming:  # not live yet (spans dropped between the catch-up and now): read them from the topic
                     cursor = await _catch_up(response, topic, cursor)
                     if end <= cursor:
                         continue

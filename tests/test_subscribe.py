@@ -305,3 +305,21 @@ def test_sse_says_missed_when_the_offset_is_no_longer_held(procs, tmp_path):
     ahead.close()
     assert events[0][0] == "missed" and json.loads(events[0][2])["missed"] is None
     assert [e[1] for e in events[1:]] == [3000, 3001, 3002]
+
+
+def test_sse_resume_of_a_long_backlog_loses_nothing_published_meanwhile(procs):
+    """While a reconnected reader is still being sent its backlog (it reads nothing yet, so the
+    catch-up waits on the socket), new batches overflow its live queue (--subscriber-queue=1):
+    the catch-up sends them from the topic, and the reader gets every offset once, in order."""
+    proc, url, http = start_broker("--subscriber-queue=1")
+    procs.append(proc)
+    asyncio.run(publish(url, 4000, batch=100, pad=2000))  # ~8 MB: more than the socket buffers hold
+    reader = SSEReader(http, last_event_id="0")
+    wait_until(lambda: get_json(f"{http}/stats/telemetry")[1]["subscribers"], message="the reader")
+    asyncio.run(publish(url, 2000, batch=10))  # 200 batches while the catch-up is blocked
+    (sub,) = get_json(f"{http}/stats/telemetry")[1]["subscribers"].values()
+    assert sub["dropped"] > 0  # the live queue did overflow
+    events = reader.take(5999)
+    reader.close()
+    assert [e[0] for e in events] == ["message"] * 5999
+    assert [e[1] for e in events] == list(range(1, 6000))
