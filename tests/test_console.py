@@ -54,8 +54,8 @@ def browser():
 class Page:
     """A page with every console message and uncaught error it produced."""
 
-    def __init__(self, browser, url: str, width: int = 1280, height: int = 900):
-        self.context = browser.new_context(viewport={"width": width, "height": height})
+    def __init__(self, browser, url: str, width: int = 1280, height: int = 900, color_scheme: str = "light"):
+        self.context = browser.new_context(viewport={"width": width, "height": height}, color_scheme=color_scheme)
         self.page = self.context.new_page()
         self.page.set_default_timeout(20_000)
         self.errors: list[str] = []
@@ -75,12 +75,12 @@ class Page:
         return self.page.locator("#tail li:not(.hidden) pre").all_inner_texts()
 
 
-def publish_marker(zmq_url: str, text: str) -> None:
-    """One message {"v": text} from a producer of its own, straight to the broker."""
+def publish_marker(zmq_url: str, *texts: str) -> None:
+    """Messages {"v": text}, one batch from a producer of its own, straight to the broker."""
     context = zmq.Context()
     dealer = dealer_socket(context, zmq_url)
     try:
-        reply = publish(dealer, 0, [text], producer=os.urandom(16))
+        reply = publish(dealer, 0, list(texts), producer=os.urandom(16))
         assert reply[1] == p.ACK, reply
     finally:
         dealer.close()
@@ -133,11 +133,31 @@ def test_console_shows_topics_producers_and_a_live_tail(browser, procs, sample_c
         page.click("#tail-pause")
         page.locator("#tail li pre", has_text=paused_marker).wait_for()
 
+        page.keyboard.press("/")  # the other shortcut: to the filter
+        assert page.evaluate("document.activeElement.id") == "tail-filter"
+
+        flood = [f"{marker}-flood-{i}" for i in range(1200)]  # more than the tail keeps
+        publish_marker(zmq_url, *flood)
+        page.locator("#tail li pre", has_text=flood[-1]).wait_for()
+        assert page.locator("#tail li").count() == 500  # bounded: the newest 500
+        assert page.evaluate("state.tail.entries.length") < 1000
+
         page.screenshot(path=str(tmp_path / "console.png"), full_page=True)
         assert (tmp_path / "console.png").stat().st_size > 10_000
         assert view.errors == []
     finally:
         view.close()
+
+    phone = Page(browser, http + "/", width=390, height=844, color_scheme="dark")  # a phone, dark
+    try:
+        phone.page.locator("#topics-table button.pick", has_text="telemetry").wait_for()
+        assert phone.page.evaluate("document.documentElement.scrollWidth") <= 390  # wide tables scroll inside their box
+        background = phone.page.evaluate("getComputedStyle(document.body).backgroundColor")
+        assert sum(map(int, re.findall(r"\d+", background)[:3])) < 100, background  # dark
+        phone.page.screenshot(path=str(tmp_path / "console-phone-dark.png"), full_page=True)
+        assert phone.errors == []
+    finally:
+        phone.close()
 
 
 def test_console_survives_a_broker_restart_and_serves_the_streamer(browser, procs, sample_csv):
