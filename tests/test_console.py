@@ -107,6 +107,10 @@ def test_console_shows_topics_producers_and_a_live_tail(browser, procs, sample_c
         page.locator("#producers-table tbody tr", has_text="worker-0").wait_for()
         page.locator("#workers-table tbody tr").nth(1).wait_for()
         wait_until(lambda: page.locator("#chart path.line").count() == 1, message="the rate chart's line")
+        page.focus("#topics-table button.pick")  # keyboard focus survives the table's refresh
+        page.evaluate("window.focusedBefore = document.activeElement")
+        wait_until(lambda: page.evaluate("!window.focusedBefore.isConnected"), message="the topics table to be rebuilt")
+        assert page.evaluate("document.activeElement.className + ' ' + document.activeElement.textContent") == "pick telemetry"
 
         page.locator("#tail li pre").first.wait_for()  # the live tail is running
         marker = "console-marker-" + os.urandom(4).hex()

@@ -328,6 +328,9 @@ function selectTopic(name) {
 }
 
 function renderTopics(topics, names) {
+  // the table is rebuilt every second: a keyboard user's focus stays on the same topic's button
+  const active = document.activeElement;
+  const focused = active && active.classList.contains("pick") ? active.textContent : null;
   renderTable(
     $("topics-table"),
     [
@@ -345,6 +348,7 @@ function renderTopics(topics, names) {
     "No topics yet.",
     (t) => ({ class: t.topic === state.selected ? "selected" : null }),
   );
+  if (focused !== null) [...$("topics-table").querySelectorAll("button.pick")].find((b) => b.textContent === focused)?.focus();
 }
 
 function renderProducers(topics, names) {
