@@ -177,6 +177,7 @@ async function poll() {
     }
     if (!response.ok) throw new Error("HTTP " + response.status);
     const stats = await response.json();
+    noticeRestart(stats);
     state.stats = stats;
     setStatus("live", "live · up " + duration(stats.uptime_s));
     render(stats);
@@ -193,6 +194,21 @@ async function poll() {
     }
   }
   setTimeout(poll, delay);
+}
+
+// A server that restarted without persistence numbers its messages from 0 again: the tail's
+// Last-Event-ID means nothing there, so the tail goes on live and says what happened. (With
+// persistence the offsets continue and the tail resumes after its last message.)
+function noticeRestart(stats) {
+  const before = state.stats?.uptime_s, tail = state.tail;
+  if (before === undefined || stats.uptime_s === undefined || stats.uptime_s >= before || !tail.topic) return;
+  const topic = stats.topics?.[tail.topic];
+  if (topic && topic.persistence) return;
+  tail.lastId = null;
+  addEntry({ notice: "the server restarted without persistence: its offsets start again; messages in between may not be shown" });
+  if (tail.controller) tail.controller.abort();
+  tail.controller = null;
+  startTail(tail.topic);
 }
 
 function render(stats) {
