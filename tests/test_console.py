@@ -25,6 +25,9 @@ CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 
 
 def find_chromium() -> str | None:
+    """Debian's chromium on PATH, or the executable named by $CHROMIUM (another machine's)."""
+    if os.environ.get("CHROMIUM"):
+        return os.environ["CHROMIUM"]
     for name in CHROMIUM_NAMES:
         path = shutil.which(name)
         if path:
