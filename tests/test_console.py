@@ -185,6 +185,8 @@ def test_console_survives_a_broker_restart_and_serves_the_streamer(browser, proc
     page = view.page
     try:
         page.locator("#tail li pre").first.wait_for()
+        # the page tells a restart by the server's uptime going back: let this one run a while
+        page.locator("#status", has_text=re.compile(r"up ([6-9]|\d\d) s")).wait_for()
         broker.kill()
         page.locator('#status[data-state="down"]').wait_for()
         broker = Proc("broker", *args)  # the same ports

@@ -200,10 +200,11 @@ async function poll() {
 // Last-Event-ID means nothing there, so the tail goes on live and says what happened. (With
 // persistence the offsets continue and the tail resumes after its last message.)
 function noticeRestart(stats) {
-  const before = state.stats?.uptime_s, tail = state.tail;
-  if (before === undefined || stats.uptime_s === undefined || stats.uptime_s >= before || !tail.topic) return;
-  const topic = stats.topics?.[tail.topic];
-  if (topic && topic.persistence) return;
+  const tail = state.tail, previous = state.stats;
+  if (!previous || !tail.topic || stats.uptime_s === undefined) return;
+  const topic = stats.topics?.[tail.topic], before = previous.topics?.[tail.topic];
+  const restarted = stats.uptime_s < previous.uptime_s || (topic && before && topic.next_offset < before.next_offset);
+  if (!restarted || (topic && topic.persistence)) return;
   tail.lastId = null;
   addEntry({ notice: "the server restarted without persistence: its offsets start again; messages in between may not be shown" });
   if (tail.controller) tail.controller.abort();
