@@ -69,7 +69,10 @@ class Subscriber:
     queue: object = None  # sse: asyncio.Queue of (Span, missed)
 
     def stats(self) -> dict:
-        return {"kind": self.kind, "delivered": self.delivered, "dropped": self.dropped, "live": self.live}
+        stats = {"kind": self.kind, "delivered": self.delivered, "dropped": self.dropped, "live": self.live}
+        if self.kind == "zmq":
+            stats["credit"] = self.credit
+        return stats
 
 
 class SequenceGap(Exception):

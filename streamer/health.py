@@ -1,6 +1,8 @@
 """The streamer's own HTTP when it publishes to a separate broker (--broker-url): health and the
 workers' metrics. (With the embedded broker, its HTTP serves these, with the broker's.)
 
+    GET /          the web console (broker.webconsole), showing what /stats has
+
     GET /healthz   200 while the streamer runs (also while it drains)
     GET /readyz    200 while streaming, 503 from the moment a drain begins
     GET /metrics   the workers' counters, Prometheus text format
@@ -16,6 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from broker.http import json_response, serve_app
+from broker.webconsole import add_console
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SUPERVISOR = web.AppKey("supervisor", object)
@@ -73,6 +76,7 @@ async def start_health(supervisor, host: str, port: int) -> tuple[web.AppRunner,
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/stats", _stats)
+    add_console(app)
     return await serve_app(app, host, port)
 
 

@@ -188,3 +188,127 @@ def test_blocking_subscriber(broker):
     with BlockingSubscriber(url, "telemetry", from_beginning=True) as sub:
         got = [next(sub) for _ in range(20)]
     assert [offset for offset, _ in got] == list(range(20))
+
+
+class SSEReader:
+    """A real HTTP client of the SSE stream (http.client), parsing events as the standard says."""
+
+    def __init__(self, base_url: str, topic: str = "telemetry", last_event_id: str | None = None):
+        import http.client
+        import urllib.parse
+
+        url = urllib.parse.urlsplit(base_url)
+        self.conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = last_event_id
+        self.conn.request("GET", f"/topics/{topic}/stream", headers=headers)
+        self.response = self.conn.getresponse()
+        assert self.response.status == 200
+        self.retry = None
+
+    def events(self):
+        """(event type, id, data) per event; the id is None when the event carried none."""
+        kind, event_id, data = "message", None, []
+        while True:
+            line = self.response.readline()
+            if not line:
+                return
+            line = line.decode().rstrip("\n")
+            if not line:
+                if data:
+                    yield kind, event_id, "\n".join(data)
+                kind, event_id, data = "message", None, []
+            elif line.startswith("retry: "):
+                self.retry = int(line[7:])
+            elif line.startswith("id: "):
+                event_id = int(line[4:])
+            elif line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                data.append(line[6:])
+
+    def take(self, count: int) -> list[tuple[str, int | None, str]]:
+        got = []
+        for event in self.events():
+            got.append(event)
+            if sum(1 for e in got if e[0] == "message") == count:
+                break
+        return got
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def test_sse_resumes_after_last_event_id_without_gap_or_duplicate(broker):
+    """Each event's id is its message's offset; a reader that disconnects and reconnects with
+    Last-Event-ID gets exactly the messages after it (from the in-memory window), then live ones."""
+    _, url, http = broker
+    asyncio.run(publish(url, 100, batch=30))
+    first = SSEReader(http, last_event_id="-1")  # not an offset: read live from now
+    wait_until(lambda: get_json(f"{http}/stats/telemetry")[1]["subscribers"], message="the SSE subscriber")
+    asyncio.run(publish(url, 50, batch=7))  # offsets 100..149
+    events = first.take(50)
+    assert first.retry == 2000
+    assert [(kind, event_id, json.loads(data)["i"]) for kind, event_id, data in events] == [("message", 100 + i, i) for i in range(50)]
+    first.close()
+    wait_until(lambda: not get_json(f"{http}/stats/telemetry")[1]["subscribers"], message="the first reader to leave")
+
+    asyncio.run(publish(url, 60, batch=9))  # offsets 150..209 while nobody reads
+    again = SSEReader(http, last_event_id="129")  # it says it saw up to 129 (say the last 20 were lost in transit)
+    backlog = again.take(80)
+    assert [e[1] for e in backlog] == list(range(130, 210))
+    assert [e[0] for e in backlog] == ["message"] * 80
+    asyncio.run(publish(url, 25, batch=10))  # and then live, continuing at 210
+    live = again.take(25)
+    assert [e[1] for e in live] == list(range(210, 235))
+    again.close()
+
+    caught_up = SSEReader(http, last_event_id="234")  # nothing missed: straight to live
+    wait_until(lambda: get_json(f"{http}/stats/telemetry")[1]["subscribers"], message="the third reader")
+    asyncio.run(publish(url, 5, batch=5))
+    assert [e[:2] for e in caught_up.take(5)] == [("message", o) for o in range(235, 240)]
+    caught_up.close()
+
+
+def test_sse_says_missed_when_the_offset_is_no_longer_held(procs, tmp_path):
+    """Retention removed the start of the log: a reconnect from offset 0 gets a `missed` event
+    with the count of what is gone, then everything from the oldest message held. An offset past
+    the topic's end (a broker restarted without its log) gets `missed` with a null count."""
+    proc, url, http = start_broker("--persistence", f"--persistence-dir={tmp_path}", "--segment-bytes=4096", "--retention-bytes=16KiB", "--fsync=never")
+    procs.append(proc)
+    asyncio.run(publish(url, 3000, batch=50, pad=40))
+    oldest = wait_until(lambda: get_json(f"{http}/stats/telemetry")[1]["persistence"]["first_offset"], message="retention to remove a segment")
+    reader = SSEReader(http, last_event_id="0")
+    events = reader.take(3000 - oldest)
+    reader.close()
+    kind, event_id, data = events[0]
+    assert kind == "missed" and event_id is None
+    assert json.loads(data) == {"missed": oldest - 1, "reason": "no longer held"}
+    assert [e[1] for e in events[1:]] == list(range(oldest, 3000))
+
+    ahead = SSEReader(http, last_event_id="999999")
+    wait_until(lambda: get_json(f"{http}/stats/telemetry")[1]["subscribers"], message="the reader")
+    asyncio.run(publish(url, 3))  # a new producer: offsets 3000..3002
+    events = ahead.take(3)
+    ahead.close()
+    assert events[0][0] == "missed" and json.loads(events[0][2])["missed"] is None
+    assert [e[1] for e in events[1:]] == [3000, 3001, 3002]
+
+
+def test_sse_resume_of_a_long_backlog_loses_nothing_published_meanwhile(procs):
+    """While a reconnected reader is still being sent its backlog (it reads nothing yet, so the
+    catch-up waits on the socket), new batches overflow its live queue (--subscriber-queue=1):
+    the catch-up sends them from the topic, and the reader gets every offset once, in order."""
+    proc, url, http = start_broker("--subscriber-queue=1")
+    procs.append(proc)
+    asyncio.run(publish(url, 4000, batch=100, pad=2000))  # ~8 MB: more than the socket buffers hold
+    reader = SSEReader(http, last_event_id="0")
+    wait_until(lambda: get_json(f"{http}/stats/telemetry")[1]["subscribers"], message="the reader")
+    asyncio.run(publish(url, 2000, batch=10))  # 200 batches while the catch-up is blocked
+    (sub,) = get_json(f"{http}/stats/telemetry")[1]["subscribers"].values()
+    assert sub["dropped"] > 0  # the live queue did overflow
+    events = reader.take(5999)
+    reader.close()
+    assert [e[0] for e in events] == ["message"] * 5999
+    assert [e[1] for e in events] == list(range(1, 6000))
