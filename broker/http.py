@@ -6,7 +6,8 @@
     GET /readyz           200 while serving, 503 once a drain has begun
     GET /metrics          Prometheus text format (broker.metrics)
     GET /topics/<topic>/stream   new messages as Server-Sent Events ("data: <json>" each); a
-                          subscriber whose queue overflowed gets `event: missed` with the count
+                          subscriber whose queue overflowed gets `event: missed` with the count;
+                          when the broker shuts down the stream ends with `event: shutdown`
 
 Every error, including unknown paths and wrong methods, is a JSON object {"error": ...}.
 """
@@ -18,6 +19,8 @@ import logging
 
 import orjson
 from aiohttp import web
+
+from .subscriptions import SSE_SHUTDOWN
 
 log = logging.getLogger("broker.http")
 
@@ -78,10 +81,11 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     sub = broker.add_sse_subscriber(topic)
     try:
         await response.write(b": subscribed to " + name.encode() + b"\n\n")
-        while True:
-            span, missed = await sub.queue.get()
+        while (item := await sub.queue.get()) is not SSE_SHUTDOWN:
+            span, missed = item
             head = b'event: missed\ndata: {"missed":%d}\n\n' % missed if missed else b""
             await response.write(head + b"data: " + span.body.replace(b"\n", b"\n\ndata: ") + b"\n\n")
+        await response.write(b"event: shutdown\ndata: {}\n\n")
     except (ConnectionResetError, asyncio.CancelledError):
         pass  # the client left, or the broker is closing
     finally:
@@ -107,15 +111,16 @@ def make_app(broker) -> web.Application:
     return app
 
 
-async def start_http(broker, host: str, port: int) -> tuple[web.AppRunner, str]:
+async def start_http(broker, host: str, port: int, shutdown_timeout: float = 60.0) -> tuple[web.AppRunner, str]:
     """Serve the broker's app on host:port (0 picks a free port); returns the runner and the base URL."""
-    return await serve_app(make_app(broker), host, port)
+    return await serve_app(make_app(broker), host, port, shutdown_timeout)
 
 
-async def serve_app(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
+async def serve_app(app: web.Application, host: str, port: int, shutdown_timeout: float = 60.0) -> tuple[web.AppRunner, str]:
     """Serve an app on host:port (0 picks a free port) in the running loop; (runner, base URL).
+    At cleanup, handlers still running after `shutdown_timeout` s are cancelled.
     Raises OSError if the address cannot be bound."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     try:

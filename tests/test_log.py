@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker import log as tlog
-from broker.log import HEADER_SIZE, LogUnavailable, TopicLog, list_segments, read_records, segment_name
+from broker import segmentlog as tlog
 from broker.protocol import DUPLICATE
+from broker.segmentlog import HEADER_SIZE, LogUnavailable, TopicLog, list_segments, read_records, segment_name
 from broker.topic import Topic
 
 P1, P2 = b"\x01" * 16, b"\x02" * 16
