@@ -9,7 +9,7 @@ and logged at a bounded rate. The frame layouts are in broker.protocol.
 
 Checks: the frame count and each fixed-size field's length; topic and group names (ASCII, the one
 rule of common.names); a batch's count (>= 1, equal to the messages in its body) and sequence
-range (first seq + count - 1 fits in u64); message sizes; a subscription's start kind; a report's
+range (the next expected one, first seq + count, fits in u64); message sizes; a subscription's start kind; a report's
 producer id and JSON object.
 """
 
@@ -113,8 +113,8 @@ class FrameDispatcher:
             reason = "bad_topic"
         elif count < 1 or p.message_count(body) != count:
             reason = "count_mismatch"
-        elif first_seq > MAX_SEQ - count + 1:
-            reason = "bad_sequence"  # the batch would run past the largest sequence number
+        elif first_seq > MAX_SEQ - count:
+            reason = "bad_sequence"  # the next expected sequence number would not fit in u64
         elif len(body) > self.max_message_bytes and max(map(len, body.split(p.SEPARATOR))) > self.max_message_bytes:
             reason = "message_too_large"
         if reason is None:

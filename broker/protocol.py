@@ -7,6 +7,7 @@ Producer -> broker
 
     PUBLISH  | "TLM1" | "P" | topic (UTF-8) | PUB_HEADER | body
              PUB_HEADER (28 B) = producer id (16 B) | first seq (u64) | count (u32)
+             first seq + count must fit in u64 (it is the next expected number): else NACK "I" bad_sequence
              body = `count` messages joined by b"\\n"; each message is one compact JSON object
              (so it holds no raw newline), at most --max-message-bytes long.
              The whole multipart message is at most max(MAX_FRAME_BYTES, --max-message-bytes +

@@ -199,3 +199,42 @@ def test_blocking_subscriber(broker):
     with BlockingSubscriber(url, "telemetry", from_beginning=True) as sub:
         got = [next(sub) for _ in range(20)]
     assert [offset for offset, _ in got] == list(range(20))
+
+
+@pytest.mark.parametrize("broker", [("--subscriber-queue=1",)], indirect=True)
+def test_sse_client_that_fell_behind_is_told_what_it_missed(broker):
+    _, url, http = broker
+    events: list[tuple[str, dict]] = []
+
+    def read_stream():
+        event = "message"
+        with urllib.request.urlopen(f"{http}/topics/telemetry/stream", timeout=30) as response:
+            for raw in response:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    events.append((event, json.loads(line[6:])))
+                    event = "message"
+
+    import threading
+
+    threading.Thread(target=read_stream, daemon=True).start()
+    wait_until(lambda: get_json(f"{http}/stats/telemetry")[1]["subscribers"], message="the SSE subscriber")
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(url)
+    try:
+        for seq in range(200):  # back to back: bursts of batches overflow a queue of one
+            dealer.send_multipart(p.publish_frames(b"telemetry", b"\x07" * 16, seq, 1, b'{"i":%d}' % seq))
+        sse = lambda: next(iter(get_json(f"{http}/stats/telemetry")[1]["subscribers"].values()))  # noqa: E731
+        dropped = wait_until(lambda: get_json(f"{http}/stats/telemetry")[1]["messages"] == 200 and sse()["dropped"], message="drops")
+        wait_until(lambda: sse()["delivered"] + dropped == 200, message="the queue to empty")
+        dealer.send_multipart(p.publish_frames(b"telemetry", b"\x07" * 16, 200, 1, b'{"i":200}'))  # the next delivery says what was missed
+        wait_until(lambda: events and events[-1] == ("message", {"i": 200}), message="the last message")
+    finally:
+        dealer.close()
+        ctx.term()
+    assert sum(data["missed"] for event, data in events if event == "missed") == dropped
+    assert len([e for e in events if e[0] == "message"]) + dropped == 201
