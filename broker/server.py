@@ -176,9 +176,6 @@ class Broker:
     def topic_stats(self, name: str) -> dict | None:
         return self.statistics.topic_stats(name)
 
-    def connection_stats(self) -> dict:
-        return self.transport.connection_stats()
-
     def add_sse_subscriber(self, topic: Topic) -> Subscription:
         return self.subscriptions.add_sse(topic)
 
