@@ -61,6 +61,7 @@ class FrameDispatcher:
         self.groups = groups
         self.bad_frames: Counter = Counter()  # frames that are not the protocol, by reason
         self._throttle = throttle
+        self._by_raw_name: dict[bytes, Topic] = {}  # topics are never removed, so this never goes stale
         self._handlers = {
             p.PUBLISH: (6, self._publish),
             p.REPORT: (6, self._report),
@@ -96,8 +97,15 @@ class FrameDispatcher:
             log.warning("Broker: ignored a bad frame (%s); %d so far", reason, self.bad_frames[reason])
 
     def _topic(self, raw: bytes) -> Topic | None:
-        name = _name(raw, valid_topic)
-        return None if name is None else self.registry.get(name)
+        """The topic a frame names (created on first use); None for an invalid name. A name seen
+        before is found by its bytes: no decoding or name check per batch."""
+        topic = self._by_raw_name.get(raw)
+        if topic is None:
+            name = _name(raw, valid_topic)
+            topic = None if name is None else self.registry.get(name)
+            if topic is not None:
+                self._by_raw_name[raw] = topic
+        return topic
 
     # -- producers -----------------------------------------------------------------------------
 
