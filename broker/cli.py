@@ -24,9 +24,9 @@ from common.options import Size, Timestamp
 from common.timefmt import rfc3339_ns
 
 from .config import BrokerConfig
-from .log import read_records
 from .options import consumer_options, persistence_config, persistence_options
 from .protocol import MAX_MESSAGE_BYTES
+from .segmentlog import read_records
 
 log = logging.getLogger("broker")
 PORT = click.IntRange(0, 65535)
@@ -77,7 +77,7 @@ def serve(host, port, http_host, http_port, max_message_bytes, subscriber_queue,
 
 
 async def _serve(cfg: BrokerConfig) -> int:
-    """start, serve until a signal, close; a second signal exits at once."""
+    """start, serve until a signal, drain, close (Broker.run); a second signal exits at once."""
     from .server import Broker
 
     stop = asyncio.Event()
@@ -91,11 +91,8 @@ async def _serve(cfg: BrokerConfig) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
     broker = Broker(cfg)
-    await broker.start()
-    await stop.wait()
-    broker.drain()
+    await broker.run(stop)
     topic_counts = ", ".join(f"{name}={topic.messages}" for name, topic in broker.topics.items())
-    await broker.close()
     log.info("Broker stopped: accepted %s", topic_counts or "nothing")
     return 0
 

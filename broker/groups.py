@@ -30,18 +30,23 @@ COMMIT_INTERVAL_S = 0.2
 
 @dataclass(slots=True)
 class Delivery:
+    """One message of the group: waiting to be handed out, in flight with a member, or waiting for redelivery."""
+
     offset: int
     payload: bytes
     producer: bytes
     seq: int
     received_ns: int
     deliveries: int = 0
-    consumer: bytes = b""
+    member: bytes = b""  # the identity of the member holding it, while in flight
     deadline: float = 0.0
 
 
 @dataclass(slots=True)
-class Consumer:
+class GroupMember:
+    """A consumer of the group as the broker sees it: its connection's identity and its room
+    (the client-side counterpart is broker.client.Consumer)."""
+
     identity: bytes
     credit: int  # unacknowledged messages it may hold
     holding: int = 0
@@ -53,7 +58,7 @@ class Group:
     committed: int  # every offset below is acknowledged
     next_offset: int  # the first offset never handed out
     state_path: str | None = None
-    consumers: dict[bytes, Consumer] = field(default_factory=dict)
+    members: dict[bytes, GroupMember] = field(default_factory=dict)
     inflight: dict[int, Delivery] = field(default_factory=dict)
     retry: deque[Delivery] = field(default_factory=deque)  # timed out, waiting for a consumer
     ahead: deque[Delivery] = field(default_factory=deque)  # read from the topic, not yet handed out
@@ -79,25 +84,42 @@ class Group:
                 log.warning("Group %s: unreadable committed offset in %s; starting at %d", name, path, start)
         return cls(name, committed, committed, path)
 
-    def next_consumer(self) -> Consumer | None:
-        """A consumer with room, round-robin."""
-        consumers = list(self.consumers.values())
-        for i in range(len(consumers)):
-            consumer = consumers[(self._rr + i) % len(consumers)]
-            if consumer.holding < consumer.credit:
-                self._rr = (self._rr + i + 1) % len(consumers)
-                return consumer
+    def next_member(self) -> GroupMember | None:
+        """A member with room, round-robin."""
+        members = list(self.members.values())
+        for i in range(len(members)):
+            member = members[(self._rr + i) % len(members)]
+            if member.holding < member.credit:
+                self._rr = (self._rr + i + 1) % len(members)
+                return member
         return None
 
     def acknowledge(self, offset: int) -> Delivery | None:
-        delivery = self.inflight.pop(offset, None)
-        if delivery is None:
-            return None  # late (already redelivered elsewhere, or dead-lettered), or unknown
-        consumer = self.consumers.get(delivery.consumer)
-        if consumer is not None:
-            consumer.holding -= 1
+        """An acknowledgment counts for a message in flight and for one waiting for redelivery
+        (its member left, or its ack timed out, while the acknowledgment was on its way)."""
+        delivery = self.inflight.get(offset)
+        if delivery is not None:
+            self.take_back(delivery)
+        else:
+            delivery = self._take_from_retry(offset)
+            if delivery is None:
+                return None  # late (dead-lettered, or acknowledged already), or unknown
         self.done(offset)
         return delivery
+
+    def take_back(self, delivery: Delivery) -> None:
+        """The delivery is no longer in flight with its member."""
+        del self.inflight[delivery.offset]
+        member = self.members.get(delivery.member)
+        if member is not None:
+            member.holding -= 1
+
+    def _take_from_retry(self, offset: int) -> Delivery | None:
+        for delivery in self.retry:
+            if delivery.offset == offset:
+                self.retry.remove(delivery)
+                return delivery
+        return None
 
     def done(self, offset: int) -> None:
         """The message at `offset` needs no more delivery: advance the committed offset."""
@@ -109,11 +131,11 @@ class Group:
         elif offset > self.committed:
             self.acked_above.add(offset)
 
-    def remove_consumer(self, identity: bytes) -> None:
-        """A consumer left: what it held goes back to the group at once."""
-        if self.consumers.pop(identity, None) is None:
+    def remove_member(self, identity: bytes) -> None:
+        """A member left: what it held goes back to the group at once."""
+        if self.members.pop(identity, None) is None:
             return
-        for delivery in [d for d in self.inflight.values() if d.consumer == identity]:
+        for delivery in [d for d in self.inflight.values() if d.member == identity]:
             del self.inflight[delivery.offset]
             self.retry.append(delivery)
 
@@ -141,7 +163,7 @@ class Group:
             "committed": self.committed,
             "lag": topic_next_offset - self.committed,
             "in_flight": len(self.inflight),
-            "consumers": len(self.consumers),
+            "consumers": len(self.members),
             "delivered": self.delivered,
             "redelivered": self.redelivered,
             "dead_lettered": self.dead_lettered,

@@ -14,7 +14,8 @@
                           can no longer get is announced by `event: missed` with
                           {"missed": N, "reason": ...} (N null when unknown: the offset is past
                           the topic's end, as after a restart without persistence). A live
-                          reader whose queue overflowed gets `event: missed` {"missed": N}.
+                          reader whose queue overflowed gets `event: missed` {"missed": N}. When the broker
+                          shuts down, the stream ends with `event: shutdown`.
 
 Every error, including unknown paths and wrong methods, is a JSON object {"error": ...}.
 """
@@ -28,6 +29,7 @@ import orjson
 from aiohttp import web
 
 from .protocol import SEPARATOR
+from .subscriptions import SSE_SHUTDOWN
 from .webconsole import add_console
 
 log = logging.getLogger("broker.http")
@@ -133,8 +135,8 @@ async def _stream(request: web.Request) -> web.StreamResponse:
         elif resume is not None:
             cursor = await _catch_up(response, topic, resume)
         resuming = resume is not None
-        while True:
-            span, _ = await sub.queue.get()
+        while (item := await sub.queue.get()) is not SSE_SHUTDOWN:
+            span, _ = item
             end = span.first_offset + span.count
             if end <= cursor:
                 continue  # already sent by the catch-up
@@ -149,6 +151,7 @@ async def _stream(request: web.Request) -> web.StreamResponse:
             resuming = False
             await response.write(head + _events(span.from_offset(cursor)))
             cursor = end
+        await response.write(b"event: shutdown\ndata: {}\n\n")
     except (ConnectionResetError, asyncio.CancelledError):
         pass  # the client left, or the broker is closing
     finally:
@@ -175,16 +178,17 @@ def make_app(broker) -> web.Application:
     return app
 
 
-async def start_http(broker, host: str, port: int) -> tuple[web.AppRunner, str]:
+async def start_http(broker, host: str, port: int, shutdown_timeout: float = 60.0) -> tuple[web.AppRunner, str]:
     """Serve the broker's app on host:port (0 picks a free port); returns the runner and the base URL."""
-    return await serve_app(make_app(broker), host, port)
+    return await serve_app(make_app(broker), host, port, shutdown_timeout)
 
 
-async def serve_app(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
+async def serve_app(app: web.Application, host: str, port: int, shutdown_timeout: float = 60.0) -> tuple[web.AppRunner, str]:
     """Serve an app on host:port (0 picks a free port) in the running loop; (runner, base URL).
+    At cleanup, handlers still running after `shutdown_timeout` s are cancelled.
     Raises OSError if the address cannot be bound."""
     # handler_cancellation: a stream's handler ends when its client leaves, not at its next write
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     try:

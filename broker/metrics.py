@@ -1,7 +1,7 @@
 """Prometheus metrics (prometheus-client): the broker's state, read at scrape time.
 
 A custom collector reads the same objects as /stats, so the two always agree; latencies are
-histograms fed where they happen (fsync in broker.log via the broker).
+histograms fed where they happen (fsync in broker.storage).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class BrokerCollector:
             acks.add_metric([topic.name], topic.acks)
             for reason, count in topic.skipped().items():
                 skipped.add_metric([topic.name, reason], count)
-            sub_dropped.add_metric([topic.name], sum(s.dropped for s in topic.subscribers.values()))
+            sub_dropped.add_metric([topic.name], sum(s.dropped for s in topic.subscriptions.values()))
             for group in topic.groups.values():
                 lag.add_metric([topic.name, group.name], topic.next_offset - group.committed)
                 dead.add_metric([topic.name, group.name], group.dead_lettered)

@@ -9,7 +9,7 @@ import click
 from common.options import Duration, Size, stack
 
 from .config import PersistenceConfig
-from .log import FSYNC_POLICIES
+from .segmentlog import FSYNC_POLICIES
 
 
 def persistence_options(env_prefix: str):

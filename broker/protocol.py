@@ -7,6 +7,7 @@ Producer -> broker
 
     PUBLISH  | "TLM1" | "P" | topic (UTF-8) | PUB_HEADER | body
              PUB_HEADER (28 B) = producer id (16 B) | first seq (u64) | count (u32)
+             first seq + count must fit in u64 (it is the next expected number): else NACK "I" bad_sequence
              body = `count` messages joined by b"\\n"; each message is one compact JSON object
              (so it holds no raw newline), at most --max-message-bytes long.
              The whole multipart message is at most max(MAX_FRAME_BYTES, --max-message-bytes +
@@ -52,6 +53,13 @@ Broker -> subscriber
              body as in PUBLISH (one accepted batch, or its tail); `missed` counts the messages this subscriber lost (its queue was full) since
              the previous DELIVER, so a subscriber always knows when it missed something.
 
+Broker -> subscriber, consumer
+
+    CLOSING  | "TLM1" | "Z" | topic [| group]
+             the broker is shutting down: nothing more comes on this subscription (or group
+             membership). A subscriber subscribes again, a consumer joins again, when the broker
+             is back; what a consumer held unacknowledged is delivered again then.
+
 Broker -> producer (routed back to the sending DEALER)
 
     ACK      | "TLM1" | "A" | ACK_BODY
@@ -93,6 +101,7 @@ GROUP_ACK = b"Y"
 LEAVE = b"L"
 MESSAGE = b"M"
 DELIVER = b"D"
+CLOSING = b"Z"
 
 FROM_LIVE, FROM_BEGINNING, FROM_OFFSET, FROM_TIME = range(4)
 
@@ -175,3 +184,7 @@ def group_ack_frames(topic: bytes, group: bytes, offsets: list[int]) -> list[byt
 
 def message_frames(topic: bytes, group: bytes, offset: int, deliveries: int, producer: bytes, seq: int, received_ns: int, payload: bytes) -> list[bytes]:
     return [SIGNATURE, MESSAGE, topic, group, MSG_HEADER.pack(offset, deliveries, producer, seq, received_ns), payload]
+
+
+def closing_frames(topic: bytes, group: bytes | None = None) -> list[bytes]:
+    return [SIGNATURE, CLOSING, topic] if group is None else [SIGNATURE, CLOSING, topic, group]

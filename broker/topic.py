@@ -19,10 +19,10 @@ from typing import NamedTuple
 from common.timefmt import rfc3339
 
 from .groups import Group
-from .log import TopicLog, read_batches
 from .protocol import DUPLICATE, SEPARATOR
+from .segmentlog import TopicLog, read_batches
+from .stats import RateWindow
 
-RATE_WINDOW_S = 10.0
 MEMORY_WINDOW_BYTES = 64 << 20  # recent batches a topic without persistence keeps for replay
 
 
@@ -54,27 +54,6 @@ class Producer:
     report: dict = field(default_factory=dict)  # the producer's latest REPORT
 
 
-@dataclass(slots=True, eq=False)
-class Subscriber:
-    """One live subscription: over ZeroMQ (key: its identity) or Server-Sent Events (a queue)."""
-
-    key: object
-    kind: str  # "zmq" or "sse"
-    delivered: int = 0
-    dropped: int = 0  # messages lost because its queue was full
-    missed: int = 0  # dropped since the last delivery (told to the subscriber with the next one)
-    live: bool = False  # caught up: receives new batches as they are accepted
-    credit: int = 0  # zmq: DELIVERs it may still receive (credit-based flow control)
-    credit_granted: object = None  # zmq: asyncio.Event, set when credit arrives (a replay waits on it)
-    queue: object = None  # sse: asyncio.Queue of (Span, missed)
-
-    def stats(self) -> dict:
-        stats = {"kind": self.kind, "delivered": self.delivered, "dropped": self.dropped, "live": self.live}
-        if self.kind == "zmq":
-            stats["credit"] = self.credit
-        return stats
-
-
 class SequenceGap(Exception):
     """The batch starts past the producer's next expected sequence number."""
 
@@ -96,10 +75,10 @@ class Topic:
         self.rejected: Counter = Counter()  # invalid batches, by reason
         self.recent: deque[Span] = deque()  # without persistence: the last MEMORY_WINDOW_BYTES accepted
         self.recent_bytes = 0
-        self.subscribers: dict[object, Subscriber] = {}
+        self.subscriptions: dict = {}  # key -> broker.subscriptions.Subscription
         self.groups: dict[str, Group] = {}
         self.created = time.monotonic()
-        self._samples: deque[tuple[float, int]] = deque([(self.created, 0)])
+        self.rate_window = RateWindow(self.created)
         if log is not None:  # continue where the log ends, and keep recognising retries
             self.next_offset = log.next_offset
             self.producers = {pid: Producer(next_seq=seq) for pid, seq in log.producers.items()}
@@ -171,13 +150,10 @@ class Topic:
 
     def sample_rate(self, now: float) -> None:
         """Called about once a second: remembers the message count for the rate window."""
-        self._samples.append((now, self.messages))
-        while len(self._samples) > 2 and now - self._samples[1][0] >= RATE_WINDOW_S:
-            self._samples.popleft()
+        self.rate_window.sample(now, self.messages)
 
     def rate(self, now: float) -> float:
-        then, count = self._samples[0]
-        return (self.messages - count) / (now - then) if now > then else 0.0
+        return self.rate_window.rate(now, self.messages)
 
     def skipped(self) -> dict[str, int]:
         """Rows the producers skipped, by reason (summed over their latest reports)."""
@@ -210,7 +186,7 @@ class Topic:
             },
             "skipped": self.skipped(),
             "rejected": dict(self.rejected),
-            "subscribers": {str(key): sub.stats() for key, sub in self.subscribers.items()},
+            "subscribers": {str(key): sub.stats() for key, sub in self.subscriptions.items()},
             "groups": {name: group.stats(self.next_offset) for name, group in self.groups.items()},
             "uptime_s": round(now - started, 3),
             **({"persistence": self.log.stats()} if self.log is not None else {}),

@@ -81,9 +81,9 @@ def test_acks_of_back_to_back_batches_are_merged_per_burst():
     from broker.server import Broker
 
     broker = Broker(BrokerConfig(topics=["telemetry"]))
-    broker._open_topics()
+    broker.registry.open()
     sent = []
-    broker._send = lambda identity, frames: sent.append((identity, frames))
+    broker.transport.send = lambda identity, frames: sent.append((identity, frames))
     other = b"\x02" * 16
 
     def frame(identity, producer, first_seq, count):
@@ -98,8 +98,8 @@ def test_acks_of_back_to_back_batches_are_merged_per_burst():
         frame(b"a", PRODUCER, 30, 1),  # a gap: refused
         frame(b"a", PRODUCER, 20, 2),  # after the refusal: a reply of its own
     ):
-        broker._handle(frames)
-    broker._commit()
+        broker.dispatcher.handle(frames)
+    broker.ingest.commit()
     replies = [(identity, frames[1], p.ACK_BODY.unpack(frames[2]) if frames[1] == p.ACK else p.NACK_BODY.unpack(frames[2])) for identity, frames in sent]
     assert replies == [
         (b"a", p.ACK, (PRODUCER, 0, 20, 0)),

@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import orjson
-from helpers import ROOT, get_json, publish_numbered, start_broker, wait_until
+import zmq
+from helpers import ROOT, dealer_socket, get_json, publish_numbered, start_broker, wait_until
 
+from broker import protocol as p
 from broker.client import BlockingConsumer, Consumer, Subscriber
 
 
@@ -112,7 +114,7 @@ def test_group_resumes_from_its_committed_offset_after_a_broker_restart(procs, t
     procs.append(proc)
     second = asyncio.run(consume(url, 60))
     assert [m.offset for m in second] == list(range(40, 100))  # from the committed offset, nothing lost
-    assert get_json(f"{http}/stats/telemetry")[1]["groups"]["billing"]["committed"] == 100
+    wait_until(lambda: get_json(f"{http}/stats/telemetry")[1]["groups"]["billing"]["committed"] == 100, message="the last acknowledgments")
 
 
 def test_two_consumers_in_one_group_share_the_work(procs):
@@ -172,3 +174,55 @@ def test_blocking_consumer(procs):
             if len(offsets) == 5:
                 break
     assert offsets == [0, 1, 2, 3, 4]
+
+
+def test_acknowledgments_for_messages_waiting_for_redelivery_still_count():
+    """In process: a member acknowledges, then leaves (or its acks are late) before the broker
+    applied the acks: what it acknowledged is done, not delivered again."""
+    from broker.groups import Delivery, Group, GroupMember
+
+    group = Group("g", committed=0, next_offset=4)
+    group.members[b"m"] = GroupMember(b"m", credit=4, holding=4)
+    for offset in range(4):
+        group.inflight[offset] = Delivery(offset, b"{}", b"p" * 16, offset, 0, deliveries=1, member=b"m")
+    group.acknowledge(0)
+    group.remove_member(b"m")  # the rest goes back to the group...
+    for offset in (1, 2):
+        assert group.acknowledge(offset) is not None  # ...but its acknowledgments were already on their way
+    assert group.committed == 3 and [d.offset for d in group.retry] == [3]
+    assert group.acknowledge(1) is None  # acknowledged twice: counted once
+
+
+def test_a_consumer_that_acknowledges_and_closes_at_once_keeps_its_acknowledgments(procs):
+    """Over the wire: consumers that send their acknowledgments and disconnect at once (no LEAVE).
+    The broker may notice a disconnection while its acknowledgments are still queued (a send to
+    the consumer fails and what it held goes back to the group): they must still count, so an
+    acknowledged message is never delivered again, and the group ends fully committed."""
+    proc, url, http = start_broker("--ack-timeout=1s")
+    procs.append(proc)
+    asyncio.run(publish_numbered(url, 100))
+    ctx = zmq.Context()
+    acknowledged: set[int] = set()
+    try:
+        for _ in range(40):
+            if len(acknowledged) == 100:
+                break
+            consumer = dealer_socket(ctx, url, timeout_ms=3000)
+            consumer.send_multipart(p.consume_frames(b"telemetry", b"g", 20))
+            offsets = []
+            while len(offsets) < 20 and consumer.poll(3000 if not offsets else 200):
+                offsets.append(p.MSG_HEADER.unpack(consumer.recv_multipart()[4])[0])
+            for offset in offsets:
+                assert offset not in acknowledged, f"offset {offset} was acknowledged, yet delivered again"
+                consumer.send_multipart(p.group_ack_frames(b"telemetry", b"g", [offset]))
+            acknowledged.update(offsets)
+            consumer.close(linger=1000)  # the acknowledgments leave, then the connection closes
+            first_unacknowledged = min(set(range(101)) - acknowledged)
+            wait_until(
+                lambda: get_json(f"{http}/stats/telemetry")[1]["groups"]["g"]["committed"] == first_unacknowledged,  # noqa: B023
+                timeout=10,
+                message=f"the acknowledgments up to offset {first_unacknowledged} applied",
+            )
+    finally:
+        ctx.destroy(linger=0)
+    assert acknowledged == set(range(100))

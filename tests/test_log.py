@@ -4,15 +4,16 @@ import errno
 import io
 import logging
 import os
+import time
 
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker import log as tlog
-from broker.log import HEADER_SIZE, LogUnavailable, TopicLog, list_segments, read_records, segment_name
+from broker import segmentlog as tlog
 from broker.protocol import DUPLICATE
+from broker.segmentlog import HEADER_SIZE, LogUnavailable, TopicLog, list_segments, read_records, segment_name
 from broker.topic import Topic
 
 P1, P2 = b"\x01" * 16, b"\x02" * 16
@@ -273,3 +274,19 @@ def test_unusable_directory_is_refused(tmp_path):
     blocker.write_text("x")
     with pytest.raises(OSError):
         open_log(blocker / "topic")
+
+
+def test_retention_age_deletes_segments_whose_newest_record_is_older(tmp_path):
+    topic_log = open_log(tmp_path, segment_bytes=8 << 10, retention_age_s=3600)
+    while len(topic_log.segments) < 3:
+        write_batches(topic_log, [100])
+    old, recent = topic_log.segments[:2], topic_log.segments[2:]
+    two_hours_ago = time.time() - 7200
+    for base in old:
+        os.utime(tmp_path / (segment_name(base) + ".log"), (two_hours_ago, two_hours_ago))
+    rolls = len(topic_log.segments)
+    while len(topic_log.segments) == rolls:
+        write_batches(topic_log, [100])  # retention runs when a segment rolls
+    assert not set(old) & set(list_segments(str(tmp_path)))
+    assert set(recent) <= set(list_segments(str(tmp_path)))  # within the age: kept
+    assert topic_log.first_offset == recent[0]

@@ -244,29 +244,29 @@ def test_sse_resumes_after_last_event_id_without_gap_or_duplicate(broker):
     """Each event's id is its message's offset; a reader that disconnects and reconnects with
     Last-Event-ID gets exactly the messages after it (from the in-memory window), then live ones."""
     _, url, http = broker
-    asyncio.run(publish(url, 100, batch=30))
+    asyncio.run(publish_numbered(url, 100, batch=30))
     first = SSEReader(http, last_event_id="-1")  # not an offset: read live from now
     wait_until(lambda: get_json(f"{http}/stats/telemetry")[1]["subscribers"], message="the SSE subscriber")
-    asyncio.run(publish(url, 50, batch=7))  # offsets 100..149
+    asyncio.run(publish_numbered(url, 50, batch=7))  # offsets 100..149
     events = first.take(50)
     assert first.retry == 2000
     assert [(kind, event_id, json.loads(data)["i"]) for kind, event_id, data in events] == [("message", 100 + i, i) for i in range(50)]
     first.close()
     wait_until(lambda: not get_json(f"{http}/stats/telemetry")[1]["subscribers"], message="the first reader to leave")
 
-    asyncio.run(publish(url, 60, batch=9))  # offsets 150..209 while nobody reads
+    asyncio.run(publish_numbered(url, 60, batch=9))  # offsets 150..209 while nobody reads
     again = SSEReader(http, last_event_id="129")  # it says it saw up to 129 (say the last 20 were lost in transit)
     backlog = again.take(80)
     assert [e[1] for e in backlog] == list(range(130, 210))
     assert [e[0] for e in backlog] == ["message"] * 80
-    asyncio.run(publish(url, 25, batch=10))  # and then live, continuing at 210
+    asyncio.run(publish_numbered(url, 25, batch=10))  # and then live, continuing at 210
     live = again.take(25)
     assert [e[1] for e in live] == list(range(210, 235))
     again.close()
 
     caught_up = SSEReader(http, last_event_id="234")  # nothing missed: straight to live
     wait_until(lambda: get_json(f"{http}/stats/telemetry")[1]["subscribers"], message="the third reader")
-    asyncio.run(publish(url, 5, batch=5))
+    asyncio.run(publish_numbered(url, 5, batch=5))
     assert [e[:2] for e in caught_up.take(5)] == [("message", o) for o in range(235, 240)]
     caught_up.close()
 
@@ -277,7 +277,7 @@ def test_sse_says_missed_when_the_offset_is_no_longer_held(procs, tmp_path):
     the topic's end (a broker restarted without its log) gets `missed` with a null count."""
     proc, url, http = start_broker("--persistence", f"--persistence-dir={tmp_path}", "--segment-bytes=4096", "--retention-bytes=16KiB", "--fsync=never")
     procs.append(proc)
-    asyncio.run(publish(url, 3000, batch=50, pad=40))
+    asyncio.run(publish_numbered(url, 3000, batch=50, pad=40))
     oldest = wait_until(lambda: get_json(f"{http}/stats/telemetry")[1]["persistence"]["first_offset"], message="retention to remove a segment")
     reader = SSEReader(http, last_event_id="0")
     events = reader.take(3000 - oldest)
@@ -289,7 +289,7 @@ def test_sse_says_missed_when_the_offset_is_no_longer_held(procs, tmp_path):
 
     ahead = SSEReader(http, last_event_id="999999")
     wait_until(lambda: get_json(f"{http}/stats/telemetry")[1]["subscribers"], message="the reader")
-    asyncio.run(publish(url, 3))  # a new producer: offsets 3000..3002
+    asyncio.run(publish_numbered(url, 3))  # a new producer: offsets 3000..3002
     events = ahead.take(3)
     ahead.close()
     assert events[0][0] == "missed" and json.loads(events[0][2])["missed"] is None
@@ -302,13 +302,52 @@ def test_sse_resume_of_a_long_backlog_loses_nothing_published_meanwhile(procs):
     the catch-up sends them from the topic, and the reader gets every offset once, in order."""
     proc, url, http = start_broker("--subscriber-queue=1")
     procs.append(proc)
-    asyncio.run(publish(url, 4000, batch=100, pad=2000))  # ~8 MB: more than the socket buffers hold
+    asyncio.run(publish_numbered(url, 4000, batch=100, pad=2000))  # ~8 MB: more than the socket buffers hold
     reader = SSEReader(http, last_event_id="0")
     wait_until(lambda: get_json(f"{http}/stats/telemetry")[1]["subscribers"], message="the reader")
-    asyncio.run(publish(url, 2000, batch=10))  # 200 batches while the catch-up is blocked
+    asyncio.run(publish_numbered(url, 2000, batch=10))  # 200 batches while the catch-up is blocked
     (sub,) = get_json(f"{http}/stats/telemetry")[1]["subscribers"].values()
     assert sub["dropped"] > 0  # the live queue did overflow
     events = reader.take(5999)
     reader.close()
     assert [e[0] for e in events] == ["message"] * 5999
     assert [e[1] for e in events] == list(range(1, 6000))
+
+
+@pytest.mark.parametrize("broker", [("--subscriber-queue=1",)], indirect=True)
+def test_sse_client_that_fell_behind_is_told_what_it_missed(broker):
+    _, url, http = broker
+    events: list[tuple[str, dict]] = []
+
+    def read_stream():
+        event = "message"
+        with urllib.request.urlopen(f"{http}/topics/telemetry/stream", timeout=30) as response:
+            for raw in response:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    events.append((event, json.loads(line[6:])))
+                    event = "message"
+
+    import threading
+
+    threading.Thread(target=read_stream, daemon=True).start()
+    wait_until(lambda: get_json(f"{http}/stats/telemetry")[1]["subscribers"], message="the SSE subscriber")
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(url)
+    try:
+        for seq in range(200):  # back to back: bursts of batches overflow a queue of one
+            dealer.send_multipart(p.publish_frames(b"telemetry", b"\x07" * 16, seq, 1, b'{"i":%d}' % seq))
+        sse = lambda: next(iter(get_json(f"{http}/stats/telemetry")[1]["subscribers"].values()))  # noqa: E731
+        dropped = wait_until(lambda: get_json(f"{http}/stats/telemetry")[1]["messages"] == 200 and sse()["dropped"], message="drops")
+        wait_until(lambda: sse()["delivered"] + dropped == 200, message="the queue to empty")
+        dealer.send_multipart(p.publish_frames(b"telemetry", b"\x07" * 16, 200, 1, b'{"i":200}'))  # the next delivery says what was missed
+        wait_until(lambda: events and events[-1] == ("message", {"i": 200}), message="the last message")
+    finally:
+        dealer.close()
+        ctx.term()
+    assert sum(data["missed"] for event, data in events if event == "missed") == dropped
+    assert len([e for e in events if e[0] == "message"]) + dropped == 201

@@ -59,3 +59,16 @@ def test_rate_over_the_recent_window():
     topic.sample_rate(start + 1)
     topic.append(A, 100, 100, body(*range(100)))
     assert topic.rate(start + 2) == pytest.approx(100.0)
+
+
+def test_rate_window_slides_past_an_old_burst():
+    """A burst long ago stops counting: once the window has moved past it, an idle topic's rate is 0."""
+    topic = Topic("t")
+    start = topic.created
+    topic.append(A, 0, 1000, body(*range(1000)))
+    topic.sample_rate(start + 1)
+    for second in range(2, 31):  # idle for 30 s, sampled once a second
+        topic.sample_rate(start + second)
+    assert topic.rate(start + 30) == 0.0
+    topic.append(A, 1000, 50, body(*range(50)))
+    assert topic.rate(start + 31) == pytest.approx(50 / 11, rel=0.2)  # the last ~10 s only

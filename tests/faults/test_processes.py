@@ -53,7 +53,7 @@ def test_broker_killed_and_restarted_stream_continues_exactly_once(procs, sample
     """kill -9 of the standalone broker under an unthrottled stream with --fsync=always, restart on
     the same port and directory, keep streaming, drain: every message a worker counted as
     published is in the log exactly once."""
-    from broker.log import read_batches
+    from broker.segmentlog import read_batches
 
     port = free_port()
     args = (f"--port={port}", "--http-port=0", "--persistence", f"--persistence-dir={tmp_path}", "--fsync=always")

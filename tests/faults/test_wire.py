@@ -123,3 +123,26 @@ def test_malformed_http_requests_leave_the_broker_serving(procs):
     assert get_json(f"{http}/healthz") == (200, {"status": "ok"})
     status, body = get_json(f"{http}/stats/telemetry")
     assert status == 200 and body["topic"] == "telemetry"
+
+
+def test_a_peer_that_fails_the_zeromq_handshake_is_counted(broker):
+    _, _, http, zmq_url = broker
+    host, port = zmq_url.rsplit("//", 1)[1].rsplit(":", 1)
+    before = connections(http)["handshake_failed"]
+    # a ZMTP 3.0 greeting that asks for a security mechanism the broker does not speak
+    greeting = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"BOGUS".ljust(20, b"\x00") + b"\x00" + b"\x00" * 31
+    with socket.create_connection((host, int(port)), timeout=5) as raw:
+        raw.sendall(greeting)
+        wait_until(lambda: connections(http)["handshake_failed"] == before + 1, message="the failed handshake to be counted")
+    assert publish(broker[1], 0, [1]) == p.ack_frames(PRODUCER, 0, 1, 0)  # everyone else is still served
+
+
+def test_sequence_numbers_past_the_largest_are_a_bad_frame(broker):
+    proc, dealer, http, _ = broker
+    largest = 2**64 - 1  # a producer's next expected sequence number must fit in u64 too
+    reply = publish(dealer, largest - 2, [1, 2, 3])
+    assert reply[1] == p.NACK and reply[3] == p.NACK_INVALID and reply[4] == b"bad_sequence"
+    assert publish(dealer, largest - 2, [1, 2]) == p.ack_frames(PRODUCER, largest - 2, 2, 0)  # next expected: the largest
+    stats = get_json(f"{http}/stats")[1]
+    assert stats["bad_frames"] == {"bad_sequence": 1} and stats["topics"]["telemetry"]["rejected"] == {"bad_sequence": 3}
+    assert "internal_error" not in proc.output

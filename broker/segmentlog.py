@@ -54,7 +54,7 @@ import google_crc32c
 
 from .protocol import message_count
 
-log = logging.getLogger("broker.log")
+log = logging.getLogger("broker.segmentlog")
 
 MAGIC_CRC32C, MAGIC_CRC32 = b"TLB2", b"TLB1"
 _MAGIC_PREFIX = b"TLB"  # what a resynchronising reader looks for; the batch's CRC then decides

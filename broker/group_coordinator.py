@@ -1,0 +1,173 @@
+"""Consumer groups at work (their state is broker.groups): joining (CONSUME), handing messages
+out round-robin to members with credit, acknowledgments (GROUP_ACK), leaving, the redelivery
+timer (`expire_deliveries`: a message not acknowledged within --ack-timeout goes back to its
+group) and dead letters (after --max-deliveries, to the topic `<topic>.dlq`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import orjson
+
+from common.names import valid_topic
+
+from . import protocol as p
+from .config import BrokerConfig
+from .groups import Delivery, Group, GroupMember
+from .registry import TopicRegistry
+from .segmentlog import LogUnavailable
+from .topic import Span, Topic
+from .transport import ZMQ_GONE, ZMQ_SENT, Transport
+
+log = logging.getLogger("broker")
+
+EXPIRY_CHECK_S = 0.2  # the redelivery timer's tick, at most (a quarter of --ack-timeout if shorter)
+
+
+class GroupCoordinator:
+    def __init__(self, config: BrokerConfig, registry: TopicRegistry, transport: Transport, on_durable: Callable[[Topic, Span], None]):
+        self.ack_timeout_s = config.ack_timeout_s
+        self.max_deliveries = config.max_deliveries
+        self.max_credit = config.subscriber_queue * 100
+        self.registry = registry
+        self.transport = transport
+        self.on_durable = on_durable  # a dead letter reaches the .dlq topic's subscriptions and groups
+        self._dlq_producer = os.urandom(p.PRODUCER_ID_BYTES)  # the broker's own id for dead letters
+        self._dlq_seq = 0
+
+    def group(self, topic: Topic, name: str, create: bool = True) -> Group | None:
+        """The group `name` (a valid name) of `topic`; a new one starts at the oldest message the topic holds."""
+        group = topic.groups.get(name)
+        if group is None and create:
+            state_dir = os.path.join(topic.log.directory, "groups") if topic.log is not None else None
+            group = topic.groups[name] = Group.load(name, state_dir, topic.first_offset)
+            log.info("Broker: group %r of topic %r starts at offset %d", name, topic.name, group.committed)
+        return group
+
+    def consume(self, identity: bytes, topic: Topic, name: str, credit: int) -> None:
+        group = self.group(topic, name)
+        member = group.members.get(identity)
+        if member is None:
+            member = group.members[identity] = GroupMember(identity, 0)
+        member.credit = max(1, min(credit, self.max_credit))
+        self.dispatch(topic, group)
+
+    def acknowledge(self, topic: Topic, name: str, offsets: bytes) -> bool:
+        """A GROUP_ACK; False if the group is unknown."""
+        group = self.group(topic, name, create=False)
+        if group is None:
+            return False
+        for (offset,) in p.OFFSET.iter_unpack(offsets):
+            group.acknowledge(offset)
+        group.save()
+        self.dispatch(topic, group)
+        return True
+
+    def leave(self, identity: bytes, topic: Topic, name: str) -> None:
+        group = self.group(topic, name, create=False)
+        if group is not None:
+            group.remove_member(identity)
+            self.dispatch(topic, group)
+
+    def dispatch_all(self, topic: Topic) -> None:
+        """New messages in `topic`: every group hands out what its members have room for."""
+        for group in topic.groups.values():
+            self.dispatch(topic, group)
+
+    def dispatch(self, topic: Topic, group: Group) -> None:
+        """Hand out messages while a member has room: redeliveries first, then new ones."""
+        now = time.monotonic()
+        names = topic.name.encode(), group.name.encode()
+        while (member := group.next_member()) is not None:
+            if group.retry:
+                delivery = group.retry.popleft()
+            elif group.ahead or self._read_ahead(topic, group):
+                delivery = group.ahead.popleft()
+            else:
+                return
+            delivery.deliveries += 1
+            sent = self.transport.send(
+                member.identity,
+                p.message_frames(*names, delivery.offset, delivery.deliveries, delivery.producer, delivery.seq, delivery.received_ns, delivery.payload),
+            )
+            if sent != ZMQ_SENT:
+                delivery.deliveries -= 1
+                group.retry.appendleft(delivery)
+                if sent == ZMQ_GONE:
+                    group.remove_member(member.identity)
+                    continue
+                return
+            delivery.member, delivery.deadline = member.identity, now + self.ack_timeout_s
+            group.inflight[delivery.offset] = delivery
+            member.holding += 1
+            group.delivered += 1
+            if delivery.deliveries > 1:
+                group.redelivered += 1
+
+    @staticmethod
+    def _read_ahead(topic: Topic, group: Group) -> bool:
+        """Load the next span the group has not handed out yet; False if there is none."""
+        for span in topic.history(group.next_offset):
+            if span.first_offset > group.next_offset:  # retention removed what the group never read
+                if group.committed == group.next_offset and not group.inflight:
+                    group.committed = span.first_offset
+                group.next_offset = span.first_offset
+            for i, message in enumerate(span.body.split(p.SEPARATOR)):
+                group.ahead.append(Delivery(span.first_offset + i, message, span.producer, span.first_seq + i, span.received_ns))
+            group.next_offset = span.first_offset + span.count
+            return True
+        return False
+
+    async def expire_deliveries(self) -> None:
+        """The redelivery timer: messages not acknowledged in time go back to their group, or to the dead-letter topic."""
+        while True:
+            await asyncio.sleep(min(EXPIRY_CHECK_S, self.ack_timeout_s / 4))
+            now = time.monotonic()
+            for topic in list(self.registry.topics.values()):
+                for group in list(topic.groups.values()):
+                    expired = [d for d in group.inflight.values() if d.deadline <= now]
+                    for delivery in expired:
+                        group.take_back(delivery)
+                        if delivery.deliveries >= self.max_deliveries:
+                            self._dead_letter(topic, group, delivery)
+                        else:
+                            group.retry.append(delivery)
+                    if expired:
+                        group.save()
+                        self.dispatch(topic, group)
+
+    def _dead_letter(self, topic: Topic, group: Group, delivery: Delivery) -> None:
+        reason = f"not acknowledged within {self.ack_timeout_s:g} s, {delivery.deliveries} deliveries"
+        head = orjson.dumps({"topic": topic.name, "group": group.name, "offset": delivery.offset, "deliveries": delivery.deliveries, "reason": reason})
+        body = head[:-1] + b',"message":' + delivery.payload + b"}"  # the original bytes, unchanged
+        dlq_name = f"{topic.name}.dlq"
+        dlq = self.registry.get(dlq_name) if valid_topic(dlq_name) else None
+        try:
+            if dlq is None:
+                raise LogUnavailable("the topic name is too long for a .dlq topic")
+            span = dlq.append(self._dlq_producer, self._dlq_seq, 1, body)
+        except LogUnavailable as exc:
+            log.error("Broker: cannot dead-letter offset %d of %r (%s); it stays with group %r", delivery.offset, topic.name, exc, group.name)
+            group.retry.append(delivery)
+            return
+        self._dlq_seq += 1
+        group.dead_lettered += 1
+        group.done(delivery.offset)
+        if dlq.log is not None and dlq.log.fsync != "never":
+            try:
+                dlq.log.sync()
+            except LogUnavailable:
+                pass
+        self.on_durable(dlq, span)
+
+    def close_all(self, topics: dict[str, Topic]) -> None:
+        """The broker is going away: tell every member (CLOSING); what they hold is delivered again after a restart."""
+        for topic in topics.values():
+            for group in topic.groups.values():
+                for identity in group.members:
+                    self.transport.send(identity, p.closing_frames(topic.name.encode(), group.name.encode()))

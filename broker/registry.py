@@ -1,0 +1,86 @@
+"""The broker's topics by name: opened at start (configured ones and those already on disk),
+created on first use, each with its segmented log when persistence is on."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from common.names import valid_topic
+
+from .config import PersistenceConfig
+from .segmentlog import TopicLog
+from .topic import Topic
+
+log = logging.getLogger("broker")
+
+
+class RegistryStartError(Exception):
+    """The persistence directory cannot be used; the message is one line for the user."""
+
+
+class TopicRegistry:
+    def __init__(self, configured: tuple[str, ...], persistence: PersistenceConfig | None):
+        self.configured = configured
+        self.persistence = persistence
+        self.topics: dict[str, Topic] = {}
+
+    def open(self) -> None:
+        """The configured topics, and every topic already in the persistence directory. Raises RegistryStartError."""
+        names = list(self.configured)
+        persistence = self.persistence
+        if persistence is not None:
+            try:
+                os.makedirs(persistence.directory, exist_ok=True)
+                names += sorted(n for n in os.listdir(persistence.directory) if valid_topic(n) and os.path.isdir(os.path.join(persistence.directory, n)))
+            except OSError as exc:
+                raise RegistryStartError(f"cannot use persistence directory {persistence.directory}: {exc.strerror or exc}") from None
+        for name in dict.fromkeys(names):
+            try:
+                self._create(name)
+            except OSError as exc:
+                where = os.path.join(persistence.directory, name) if persistence else name
+                raise RegistryStartError(f"cannot use persistence directory {where}: {exc.strerror or exc}") from None
+
+    def get(self, name: str) -> Topic | None:
+        """The topic `name` (a valid name, see common.names), created on first use; None if its log cannot be created."""
+        topic = self.topics.get(name)
+        if topic is None:
+            try:
+                topic = self._create(name)
+            except OSError as exc:
+                log.error("Broker: cannot create the log of topic %r: %s", name, exc.strerror or exc)
+                return None
+            log.info("Broker: new topic %r", name)
+        return topic
+
+    def _create(self, name: str) -> Topic:
+        persistence = self.persistence
+        topic_log = None
+        if persistence is not None:
+            topic_log = TopicLog(
+                os.path.join(persistence.directory, name),
+                segment_bytes=persistence.segment_bytes,
+                fsync=persistence.fsync,
+                fsync_interval_s=persistence.fsync_interval_s,
+                retention_bytes=persistence.retention_bytes,
+                retention_age_s=persistence.retention_age_s,
+            )
+            topic_log.open()
+            topic_log.background = _in_thread
+        topic = self.topics[name] = Topic(name, topic_log)
+        return topic
+
+    def close(self) -> None:
+        """Save every group's committed offset and close (fsync) every log."""
+        for topic in self.topics.values():
+            for group in topic.groups.values():
+                group.save(force=True)
+            if topic.log is not None:
+                topic.log.close()
+
+
+def _in_thread(work) -> None:
+    """Blocking housekeeping of a log, run in the event loop's default executor."""
+    asyncio.get_running_loop().run_in_executor(None, work)

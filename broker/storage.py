@@ -1,0 +1,66 @@
+"""What decides when a topic's log is fsynced (the --fsync policy), around broker.segmentlog:
+
+    always    before a burst's acknowledgments go out, one fsync per written log (sync_for_acks)
+    interval  at most every --fsync-interval, off the event loop (sync_periodically, a task)
+    never     the page cache decides (and close)
+
+Retention (--retention-bytes, --retention-age) is the log's own: `TopicLog.enforce_retention`,
+run whenever a segment rolls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Iterable
+
+from .segmentlog import LogUnavailable
+from .topic import Topic
+
+log = logging.getLogger("broker")
+
+SYNC_CHECK_S = 0.1  # how often the interval task looks for logs due
+
+
+class FsyncPolicy:
+    def __init__(self, topics: dict[str, Topic], fsync_seconds):
+        self.topics = topics
+        self.fsync_seconds = fsync_seconds  # a Histogram: how long each fsync took
+
+    def sync_for_acks(self, topics: Iterable[Topic]) -> set[int]:
+        """fsync what --fsync=always wants synced before these topics' acknowledgments go out;
+        returns the ids of the topics whose log could not be synced (their acks become NACKs)."""
+        failed: set[int] = set()
+        for topic in topics:
+            topic_log = topic.log
+            if topic_log is not None and topic_log.fsync == "always" and topic_log.dirty:
+                try:
+                    with self.fsync_seconds.time():
+                        topic_log.sync()
+                except LogUnavailable:
+                    failed.add(id(topic))
+        return failed
+
+    async def sync_periodically(self, interval: float) -> None:
+        """--fsync=interval: fsync each written log at most every interval, off the event loop
+        (a duplicate descriptor, so that a segment roll may close the original meanwhile)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(interval, SYNC_CHECK_S))
+            for topic in list(self.topics.values()):
+                topic_log = topic.log
+                if topic_log is None or not topic_log.sync_due():
+                    continue
+                fd = os.dup(topic_log.active.fd)
+                topic_log.dirty = False
+                try:
+                    with self.fsync_seconds.time():
+                        await loop.run_in_executor(None, os.fdatasync, fd)
+                    topic_log.last_fsync = time.monotonic()
+                except OSError as exc:
+                    topic_log.dirty = True
+                    log.error("Log %s: fsync failed: %s", topic_log.directory, exc.strerror)
+                finally:
+                    os.close(fd)

@@ -1,0 +1,156 @@
+"""Live subscriptions and replay: each accepted batch reaches every live subscription of its
+topic, over ZeroMQ (DELIVER frames, credit-based flow control) or Server-Sent Events (a queue
+that broker.http drains). A subscription that starts in the past is replayed first, then goes live.
+
+A subscription whose queue is full (no credit, or the SSE queue full) has new batches dropped and
+counted: producers never wait for a subscriber. At shutdown every subscription is told (`close_all`):
+ZeroMQ subscribers get a CLOSING frame, SSE streams an `event: shutdown` and their end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass
+
+from . import protocol as p
+from .config import BrokerConfig
+from .topic import Span, Topic
+from .transport import ZMQ_AGAIN, ZMQ_GONE, ZMQ_SENT, Transport
+
+REPLAY_RETRY_S = 0.01
+SSE_SHUTDOWN = None  # queued to an SSE subscription: the broker is going away
+
+
+@dataclass(slots=True, eq=False)
+class Subscription:
+    """One subscription on the broker's side: over ZeroMQ (key: the peer's identity) or Server-Sent Events (a queue)."""
+
+    key: object
+    kind: str  # "zmq" or "sse"
+    delivered: int = 0
+    dropped: int = 0  # messages lost because its queue was full
+    missed: int = 0  # dropped since the last delivery (told to the subscriber with the next one)
+    live: bool = False  # caught up: receives new batches as they are accepted
+    credit: int = 0  # zmq: DELIVERs it may still receive (credit-based flow control)
+    queue: object = None  # sse: asyncio.Queue of (Span, missed), or SSE_SHUTDOWN
+
+    def stats(self) -> dict:
+        stats = {"kind": self.kind, "delivered": self.delivered, "dropped": self.dropped, "live": self.live}
+        if self.kind == "zmq":
+            stats["credit"] = self.credit
+        return stats
+
+
+class Subscriptions:
+    def __init__(self, config: BrokerConfig, transport: Transport):
+        self.queue_limit = config.subscriber_queue
+        self.transport = transport
+        self._replays: dict[object, asyncio.Task] = {}
+        self._sse_ids = itertools.count(1)
+
+    def fan_out(self, topic: Topic, span: Span) -> None:
+        """A durable span reaches the topic's live subscriptions."""
+        for sub in list(topic.subscriptions.values()):
+            if sub.live:
+                self._deliver(topic, sub, span)
+
+    def _deliver(self, topic: Topic, sub: Subscription, span: Span) -> None:
+        """Queue one span for a live subscription; if its queue is full the span is dropped and counted."""
+        if sub.kind == "sse":
+            try:
+                sub.queue.put_nowait((span, sub.missed))
+            except asyncio.QueueFull:
+                sent = ZMQ_AGAIN
+            else:
+                sent = ZMQ_SENT
+        elif sub.credit <= 0:
+            sent = ZMQ_AGAIN
+        else:
+            sub.credit -= 1
+            sent = self.transport.send(
+                sub.key,
+                p.deliver_frames(topic.name.encode(), span.first_offset, span.count, sub.missed, span.producer, span.first_seq, span.received_ns, span.body),
+            )
+        if sent == ZMQ_SENT:
+            sub.delivered += span.count
+            sub.missed = 0
+        elif sent == ZMQ_AGAIN:
+            sub.dropped += span.count
+            sub.missed += span.count
+        else:
+            self.unsubscribe(topic, sub.key)
+
+    def subscribe(self, identity: bytes, topic: Topic, start: int, value: int, credit: int) -> None:
+        """A ZeroMQ SUBSCRIBE (validated by broker.dispatch); subscribing again replaces the subscription."""
+        self.unsubscribe(topic, identity)
+        sub = topic.subscriptions[identity] = Subscription(identity, "zmq", credit=min(credit, self.queue_limit))
+        if start == p.FROM_LIVE:
+            sub.live = True
+            return
+        from_offset = value if start == p.FROM_OFFSET else 0
+        from_time = value if start == p.FROM_TIME else None
+        self._replays[identity] = asyncio.create_task(self._replay(topic, sub, from_offset, from_time))
+
+    def credit(self, identity: bytes, topic: Topic, credit: int) -> None:
+        sub = topic.subscriptions.get(identity)
+        if sub is not None:  # else e.g. after a broker restart: the subscriber subscribes again when it hears nothing
+            sub.credit = min(sub.credit + credit, self.queue_limit)
+
+    def unsubscribe(self, topic: Topic, key: object) -> None:
+        sub = topic.subscriptions.pop(key, None)
+        task = self._replays.pop(key, None) if sub is not None else None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    async def _replay(self, topic: Topic, sub: Subscription, from_offset: int, from_time: int | None) -> None:
+        """Send what the topic holds from the start asked for, waiting (not dropping) while the
+        subscriber's queue is full; then, in the same step as the last check, go live."""
+        cursor = from_offset
+        name = topic.name.encode()
+        try:
+            while cursor < topic.next_offset:
+                for span in topic.history(cursor, from_time):
+                    while True:
+                        sent = self.transport.send(
+                            sub.key, p.deliver_frames(name, span.first_offset, span.count, 0, span.producer, span.first_seq, span.received_ns, span.body)
+                        )
+                        if sent != ZMQ_AGAIN:
+                            break
+                        await asyncio.sleep(REPLAY_RETRY_S)
+                    if sent == ZMQ_GONE:
+                        self.unsubscribe(topic, sub.key)
+                        return
+                    sub.delivered += span.count
+                    cursor = span.first_offset + span.count
+                    from_time = None  # the time only picks the first batch
+                    await asyncio.sleep(0)
+                if from_time is not None:  # nothing at or after that time yet
+                    cursor = topic.next_offset
+                elif cursor < topic.next_offset and not any(True for _ in topic.history(cursor)):
+                    cursor = topic.next_offset  # the rest is no longer held (retention)
+            sub.live = True
+        finally:
+            self._replays.pop(sub.key, None)
+
+    def add_sse(self, topic: Topic) -> Subscription:
+        key = f"sse-{next(self._sse_ids)}"
+        sub = topic.subscriptions[key] = Subscription(key, "sse", live=True, queue=asyncio.Queue(self.queue_limit))
+        return sub
+
+    async def close_all(self, topics: dict[str, Topic]) -> None:
+        """The broker is going away: stop replays, tell every subscription (ZeroMQ: CLOSING; SSE:
+        SSE_SHUTDOWN after what is queued, so the stream ends with `event: shutdown`)."""
+        replays = list(self._replays.values())
+        for task in replays:
+            task.cancel()
+        await asyncio.gather(*replays, return_exceptions=True)
+        for topic in topics.values():
+            for sub in list(topic.subscriptions.values()):
+                if sub.kind == "sse":
+                    if sub.queue.full():  # the shutdown notice goes first: the oldest queued span gives way
+                        span, _ = sub.queue.get_nowait()
+                        sub.dropped += span.count
+                    sub.queue.put_nowait(SSE_SHUTDOWN)
+                else:
+                    self.transport.send(sub.key, p.closing_frames(topic.name.encode()))
