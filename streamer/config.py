@@ -8,6 +8,33 @@ from broker.config import BrokerConfig
 
 
 @dataclass(frozen=True)
+class ReplayConfig:
+    """How rows are chosen, paced and stamped (streamer.replay); the defaults are the plain loop."""
+
+    passes: int = 0  # passes over the file, then drain and exit; 0 = forever
+    filters: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (column, accepted values): rows must match every one
+    key_columns: tuple[str, ...] = ()  # a message's key: these columns' values joined by "/"
+    shard: bool = False  # split rows across workers (by key when keys are set) instead of every worker sending all
+    pace: str = "rate"  # rate | timestamps
+    speed: float = 1.0  # pace=timestamps: recording seconds per wall second
+    timestamp_column: str = ""  # the rows' own time (found by the CLI when not given)
+    max_gap: float = 60.0  # pace=timestamps: a longer gap in the recording is shortened to this
+    timestamps: str = "now"  # message timestamp: now | original | shifted
+    counter_columns: tuple[str, ...] = ()  # raised each pass by their increase over one pass (per key)
+    profile: object = None  # streamer.profile.Profile: the total rate over time
+    workers: int = 1  # how many workers share the rows (shard) and the profile's rate
+
+    @property
+    def decodes_rows(self) -> bool:
+        """Whether a row's values are needed (else rows pass through as encoded)."""
+        return bool(self.filters or self.key_columns or self.timestamp_column or self.counter_columns)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.passes or self.decodes_rows or self.shard or self.pace != "rate" or self.timestamps != "now" or self.profile)
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     """Everything one worker process needs; picklable, passed to it at spawn."""
 
@@ -23,6 +50,8 @@ class WorkerConfig:
     max_message_bytes: int = 1 << 20  # rows whose message is larger are skipped and counted
     log_level: str = "info"
     log_format: str = "text"
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    anchor_ns: int = 0  # wall time (ns) every worker's schedule and shifted timestamps start from; set by the supervisor
 
 
 @dataclass(frozen=True)
@@ -32,3 +61,4 @@ class StreamerConfig:
     broker: BrokerConfig | None  # the embedded broker's config, None with --broker-url
     http_host: str = "127.0.0.1"  # with --broker-url: the streamer's own /healthz, /readyz, /metrics
     http_port: int = 8080
+    progress: bool = False  # a progress bar on the terminal

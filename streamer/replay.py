@@ -1,0 +1,245 @@
+"""Replay as people use it: the layer between the CSV source and the message envelope.
+
+`Replay` takes the encoded rows `CsvSource` reads, pass after pass, and decides per row:
+
+    shard      is it this worker's? (row by row: row i goes to worker i mod N; with keys: by a
+               CRC-32 of the key, so a key always goes to the same worker and keeps its order)
+    filter     does it match every --filter? (else skipped as `filtered`)
+    time       its own time from --timestamp-column (else skipped as `bad_timestamp`)
+    counters   --counter-column values raised by pass x (their increase over one pass, per key)
+
+and yields `(fields bytes, message time ns, due seconds)`: the message time for
+--timestamps=original|shifted, and when the row is due (seconds after the run's anchor) for
+--pace=timestamps.
+
+Before the first pass the file is read once (`scan`) for what the passes need to know in advance:
+the first time, the span, one typical interval (the median gap between distinct times), the gaps
+longer than --max-gap, each key's counter increase, and how many rows are this worker's.
+
+Pass p (from 0) of a recording whose first time is T0 and span S, with typical interval I:
+
+    shifted message time   anchor + p * (S + I) + (t - T0)                  (never goes back)
+    due (pace=timestamps)  (p * (S' + I') + (t - T0 - cut(t))) / speed      (S', I', cut: gaps over
+                                                                            --max-gap shortened)
+
+Without any of these options the worker does not use this layer: its hot path is unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import zlib
+from bisect import bisect_right
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import orjson
+
+from .config import ReplayConfig
+from .csvsource import CsvSource
+from .infer import infer
+from .timestamps import NS, parse_time_ns
+
+log = logging.getLogger("streamer.replay")
+
+KEY_SEPARATOR = "/"
+
+
+def _matcher(values: tuple[str, ...]) -> frozenset:
+    """A filter's accepted values, both as written and as typed (so `gpu_id=0` matches the int 0)."""
+    accepted = set()
+    for v in values:
+        accepted.add(v)
+        typed = infer(v)
+        if not isinstance(typed, float) or typed == typed:
+            accepted.add(typed)
+    return frozenset(accepted)
+
+
+def key_of(fields: dict, columns: tuple[str, ...]) -> str:
+    """The message key: the key columns' values joined by `/` (booleans as true/false, null as empty)."""
+    parts = []
+    for c in columns:
+        v = fields.get(c)
+        parts.append("" if v is None else ("true" if v else "false") if isinstance(v, bool) else str(v))
+    return KEY_SEPARATOR.join(parts)
+
+
+def worker_of_key(key: str, workers: int) -> int:
+    return zlib.crc32(key.encode()) % workers
+
+
+@dataclass
+class Recording:
+    """What one whole pass says, found by `Replay.scan` before the first pass."""
+
+    rows: int = 0  # usable rows in the file
+    mine: int = 0  # rows this worker sends per pass (after shard and filters)
+    first_ns: int = 0
+    span_ns: int = 0  # last time - first time
+    interval_ns: int = NS  # the typical gap between distinct times
+    cuts: list = field(default_factory=lambda: [-(1 << 63)])  # times at which a gap over max_gap ends
+    cut_ns: list = field(default_factory=lambda: [0])  # how much is cut up to and including that gap
+    increases: dict = field(default_factory=dict)  # (key, column) -> increase over one pass
+    long_gaps: int = 0
+
+    @property
+    def period_ns(self) -> int:
+        """How far each pass's shifted times lie after the previous pass's."""
+        return self.span_ns + self.interval_ns
+
+    def offset_ns(self, t: int) -> int:
+        """t relative to the first time, with the long gaps shortened."""
+        return t - self.first_ns - self.cut_ns[bisect_right(self.cuts, t) - 1]
+
+    def pace_period_ns(self, max_gap_ns: int) -> int:
+        return self.offset_ns(self.first_ns + self.span_ns) + min(self.interval_ns, max_gap_ns)
+
+
+class Replay:
+    """This worker's rows of each pass, chosen, transformed and timed (see the module docstring)."""
+
+    def __init__(self, source: CsvSource, cfg: ReplayConfig, index: int, label: str = "", start_pass: int = 0):
+        self.source = source
+        self.cfg = cfg
+        self.index = index
+        self.label = label or f"Worker {index}"
+        self.passes_done = start_pass
+        self.read = 0  # rows of this worker's share read (sent, filtered or unusable)
+        self.recording: Recording | None = None
+        self._filters = [(column, _matcher(values)) for column, values in cfg.filters]
+        workers = cfg.workers if cfg.shard else 1
+        self._shard_rows = workers > 1 and not cfg.key_columns
+        self._shard_keys = workers > 1 and bool(cfg.key_columns)
+        self._workers = workers
+        self._max_gap_ns = round(cfg.max_gap * NS)
+
+    # -- what this worker sends of one row -----------------------------------------------------------
+
+    def _matches(self, fields: dict) -> bool:
+        for column, accepted in self._filters:
+            value = fields.get(column)
+            if value not in accepted and str(value) not in accepted:
+                return False
+        return True
+
+    # -- the scan before the first pass --------------------------------------------------------------
+
+    def scan(self) -> Recording:
+        """Read the file once for what the passes need in advance (see the module docstring). Rows
+        skipped in it are not counted (the passes count them). Raises OSError or CsvError."""
+        cfg, rec = self.cfg, Recording()
+        skipped_before = self.source.skipped.copy()
+        column = cfg.timestamp_column
+        times_seen: list[int] = []
+        first_values: dict = {}
+        last_values: dict = {}
+        previous = None
+        try:
+            for i, raw in enumerate(self.source.open_pass()):
+                rec.rows += 1
+                if not cfg.decodes_rows:
+                    rec.mine += not self._shard_rows or i % self._workers == self.index
+                    continue
+                fields = orjson.loads(raw)
+                key = key_of(fields, cfg.key_columns) if cfg.key_columns else ""
+                if self._mine(i, key) and self._matches(fields):
+                    rec.mine += 1
+                if column:
+                    t = parse_time_ns(fields.get(column))
+                    if t is None:
+                        continue
+                    if previous is None:
+                        rec.first_ns = t
+                    elif t != previous:
+                        gap = t - previous
+                        if gap > 0:
+                            times_seen.append(gap)
+                        if gap > self._max_gap_ns:
+                            rec.long_gaps += 1
+                            rec.cuts.append(t)
+                            rec.cut_ns.append(rec.cut_ns[-1] + gap - self._max_gap_ns)
+                    rec.span_ns = max(rec.span_ns, t - rec.first_ns)
+                    previous = t
+                for c in cfg.counter_columns:
+                    v = fields.get(c)
+                    if isinstance(v, int | float) and not isinstance(v, bool):
+                        first_values.setdefault((key, c), v)
+                        last_values[(key, c)] = v
+        finally:
+            self.source.skipped.clear()
+            self.source.skipped.update(skipped_before)
+        if times_seen:
+            rec.interval_ns = round(statistics.median(times_seen))
+        rec.increases = {k: last_values[k] - v for k, v in first_values.items() if last_values[k] > v}
+        if rec.long_gaps and self.index == 0:
+            log.warning(
+                "%s: %d gaps in %s are longer than --max-gap (%g s); paced replay shortens them to it", self.label, rec.long_gaps, self.source.path, cfg.max_gap
+            )
+        self.recording = rec
+        return rec
+
+    def _mine(self, i: int, key: str) -> bool:
+        if self._shard_rows:
+            return i % self._workers == self.index
+        if self._shard_keys:
+            return worker_of_key(key, self._workers) == self.index
+        return True
+
+    # -- the passes ------------------------------------------------------------------------------------
+
+    def items(self, anchor_ns: int = 0) -> Iterator[tuple[bytes, int, float]]:
+        """(fields, message time ns, due s after the anchor) of this worker's rows, pass after pass
+        from `passes_done`, until --passes are done (forever with 0). Raises OSError or CsvError
+        when the file cannot be read; calling again restarts the current pass."""
+        rec = self.recording if self.recording is not None else self.scan()
+        cfg = self.cfg
+        while not cfg.passes or self.passes_done < cfg.passes:
+            yield from self._pass(self.passes_done, rec, anchor_ns)
+            self.passes_done += 1
+
+    def _pass(self, p: int, rec: Recording, anchor_ns: int) -> Iterator[tuple[bytes, int, float]]:
+        cfg, source = self.cfg, self.source
+        skipped = source.skipped
+        workers, index = self._workers, self.index
+        shard_rows, decode = self._shard_rows, cfg.decodes_rows
+        column, counters, keyed = cfg.timestamp_column, cfg.counter_columns, cfg.key_columns
+        shifted = cfg.timestamps == "shifted"
+        shift_ns = anchor_ns + p * rec.period_ns - rec.first_ns
+        pace_base_ns = p * rec.pace_period_ns(self._max_gap_ns)
+        speed = cfg.speed
+        raise_by = {k: v * p for k, v in rec.increases.items()} if p else {}
+        for i, raw in enumerate(source.open_pass()):
+            if shard_rows and i % workers != index:
+                continue
+            if not decode:
+                self.read += 1
+                yield raw, 0, 0.0
+                continue
+            fields = orjson.loads(raw)
+            key = key_of(fields, keyed) if keyed else ""
+            if self._shard_keys and worker_of_key(key, workers) != index:
+                continue
+            self.read += 1
+            if self._filters and not self._matches(fields):
+                skipped["filtered"] += 1
+                continue
+            stamp, due = 0, 0.0
+            if column:
+                t = parse_time_ns(fields.get(column))
+                if t is None:
+                    skipped["bad_timestamp"] += 1
+                    continue
+                stamp = t + shift_ns if shifted else t
+                due = (pace_base_ns + rec.offset_ns(t)) / NS / speed
+            if raise_by:
+                changed = False
+                for c in counters:
+                    inc = raise_by.get((key, c))
+                    if inc:
+                        fields[c] += inc
+                        changed = True
+                if changed:
+                    raw = orjson.dumps(fields)
+            yield raw, stamp, due
