@@ -46,6 +46,9 @@ _CONNECTION_EVENTS = (
 )
 
 
+MAX_SILENT_REPORTS = 1024  # per topic: reports of producers that have not published
+
+
 class BrokerStartError(Exception):
     """The broker cannot start (address in use, bad address); the message is one line for the user."""
 
@@ -541,8 +544,13 @@ class Broker:
             self._bad_frame("bad_report")
             return
         producer = topic.producers.get(producer_id)
-        if producer is not None:  # reports from producers that never published are not kept
+        if producer is not None:
             producer.report = value
+            topic.silent_reports.pop(producer_id, None)
+        else:  # it has not published (every row skipped, so far): its report still counts
+            if producer_id not in topic.silent_reports and len(topic.silent_reports) >= MAX_SILENT_REPORTS:
+                del topic.silent_reports[next(iter(topic.silent_reports))]
+            topic.silent_reports[producer_id] = value
 
     def _topic(self, raw: bytes) -> Topic | None:
         try:
@@ -590,13 +598,13 @@ class Broker:
                 os.makedirs(persistence.directory, exist_ok=True)
                 names += sorted(n for n in os.listdir(persistence.directory) if valid_topic(n) and os.path.isdir(os.path.join(persistence.directory, n)))
             except OSError as exc:
-                raise BrokerStartError(f"cannot use persistence directory {persistence.directory}: {exc.strerror or exc}") from None
+                raise BrokerStartError(f"cannot use persistence directory {persistence.directory}: {_directory_problem(persistence.directory, exc)}") from None
         for name in dict.fromkeys(names):
             try:
                 self._create_topic(name)
             except OSError as exc:
                 where = os.path.join(persistence.directory, name) if persistence else name
-                raise BrokerStartError(f"cannot use persistence directory {where}: {exc.strerror or exc}") from None
+                raise BrokerStartError(f"cannot use persistence directory {where}: {_directory_problem(where, exc)}") from None
 
     def _send(self, identity: bytes, frames: list[bytes]) -> int:
         """Send without ever waiting: ZMQ_SENT, ZMQ_AGAIN (the peer's queue is full) or ZMQ_GONE.
@@ -749,3 +757,22 @@ class Broker:
                 group.save(force=True)
             if topic.log is not None:
                 topic.log.close()
+
+
+def _directory_problem(path: str, exc: OSError) -> str:
+    """The real reason a directory cannot be made or used: the first existing part of the path
+    that is not a directory or not writable, rather than a bare strerror about the whole path."""
+    probe = os.path.abspath(path)
+    while probe and not os.path.lexists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if os.path.lexists(probe) and not os.path.isdir(probe):
+        return f"{probe} exists and is not a directory"
+    if os.path.isdir(probe) and not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable by this user (uid {os.getuid()})"
+    reason = exc.strerror or str(exc)
+    if exc.filename and os.path.abspath(exc.filename) != os.path.abspath(path):
+        return f"{exc.filename}: {reason}"
+    return reason

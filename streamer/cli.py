@@ -22,8 +22,10 @@ from common.names import NAME_RULE, valid_topic
 from common.options import Size
 
 from .config import StreamerConfig, WorkerConfig
-from .csvsource import CsvError, check_csv
+from .csvreader import parse_delimiter
+from .csvsource import CsvError, CsvFormat, check_csv
 from .infer import parse_column_type
+from .inputs import STDIN, InputError, check_encoding, expand, rereadable
 
 ENV_PREFIX = "TELEMETRY_STREAMER_"
 PORT = click.IntRange(0, 65535)
@@ -62,6 +64,26 @@ def _broker_url(ctx, param, value: str | None) -> str | None:
     return value
 
 
+def _delimiter(ctx, param, value: str) -> str | None:
+    try:
+        return parse_delimiter(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _encoding(ctx, param, value: str) -> str:
+    try:
+        return check_encoding(value)
+    except LookupError:
+        raise click.BadParameter(f"unknown encoding {value!r} (e.g. utf-8, utf-16-le, latin-1, cp1252)") from None
+
+
+def _comment(ctx, param, value: str | None) -> str | None:
+    if value is not None and len(value) != 1:
+        raise click.BadParameter(f"{value!r} is not one character")
+    return value
+
+
 def _column_types(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
     types: dict[str, str] = {}
     for spec in values:
@@ -74,7 +96,14 @@ def _column_types(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
 
 
 @click.command(context_settings={"show_default": True, "max_content_width": 100})
-@option("--csv", "csv_path", required=True, envvar=env("CSV"), help="CSV file to stream (read again from the start at its end).")
+@option(
+    "--csv",
+    "csv_specs",
+    required=True,
+    multiple=True,
+    envvar=env("CSV"),
+    help="CSV file, glob or directory (its *.csv) to stream, read again from the start at its end; repeatable; - reads standard input once.",
+)
 @option("--workers", type=click.IntRange(min=1), default=1, envvar=env("WORKERS"), help="Worker processes.")
 @option("--rate", type=Rate(), default=1.0, envvar=env("RATE"), help="Messages per second per worker (fractions allowed; 0 = unthrottled).")
 @option("--topic", default="telemetry", callback=_topic, envvar=env("TOPIC"), help="Topic to publish to.")
@@ -92,7 +121,13 @@ def _column_types(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
     envvar=env("HTTP_HOST"),
     help="HTTP address: the embedded broker's, or with --broker-url the streamer's own (/healthz, /readyz, /metrics).",
 )
-@option("--http-port", type=PORT, default=8080, envvar=env("HTTP_PORT"), help="HTTP port (0 = any free port).")
+@option(
+    "--http-port",
+    type=PORT,
+    default=None,
+    envvar=env("HTTP_PORT"),
+    help="HTTP port (0 = any free port)  [default: 8080; with --broker-url 8081, beside a broker on 8080]",
+)
 @option(
     "--shutdown-timeout",
     type=click.FloatRange(min=0, max=3600),
@@ -110,6 +145,24 @@ def _column_types(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
     help="Force a column's type: bool, int, float or string (repeatable).",
 )
 @option(
+    "--delimiter",
+    default="auto",
+    callback=_delimiter,
+    envvar=env("DELIMITER"),
+    help="Field delimiter: auto (an Excel sep= line, else sniffed from the header and first rows), tab, or one character such as , ; |.",
+)
+@option("--encoding", default="utf-8", callback=_encoding, envvar=env("ENCODING"), help="Text encoding of the CSV (a byte-order mark overrides it).")
+@option("--skip-rows", type=click.IntRange(min=0), default=0, envvar=env("SKIP_ROWS"), help="Lines to skip before the header (a preamble).")
+@option("--comment", default=None, callback=_comment, envvar=env("COMMENT"), help="Skip lines starting with this character (e.g. #).")
+@option(
+    "--null-value",
+    "null_values",
+    multiple=True,
+    envvar=env("NULL_VALUE"),
+    metavar="TEXT",
+    help="A value published as JSON null (repeatable); [N/A] and [Not Supported] always are.",
+)
+@option(
     "--max-message-bytes",
     type=Size(minimum=128),
     default=MAX_MESSAGE_BYTES,
@@ -125,10 +178,10 @@ def _column_types(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
 )
 @consumer_options(ENV_PREFIX)
 @persistence_options(ENV_PREFIX)
-@option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="info", envvar=env("LOG_LEVEL"))
+@option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="info", envvar=env("LOG_LEVEL"), help="Least severe level logged.")
 @option("--log-format", type=click.Choice(FORMATS), default="text", envvar=env("LOG_FORMAT"), help="text for people, json for log pipelines.")
 def command(
-    csv_path,
+    csv_specs,
     workers,
     rate,
     topic,
@@ -138,6 +191,11 @@ def command(
     http_port,
     shutdown_timeout,
     column_types,
+    delimiter,
+    encoding,
+    skip_rows,
+    comment,
+    null_values,
     buffer_messages,
     max_message_bytes,
     log_level,
@@ -151,17 +209,37 @@ def command(
     if persistence["persistence"] and broker_url:
         raise click.UsageError("--persistence belongs to the broker: with --broker-url, give it to `telemetry-broker serve` instead")
     persistence_cfg = persistence_config(**persistence)
+    if http_port is None:
+        http_port = 8081 if broker_url else 8080
+    fmt = CsvFormat(delimiter=delimiter, encoding=encoding, skip_rows=skip_rows, comment=comment, null_values=tuple(null_values))
     try:
-        header = check_csv(csv_path)
-    except CsvError as exc:
+        paths = expand(csv_specs)
+    except InputError as exc:
         raise click.ClickException(f"cannot stream {exc}") from None
-    unknown = [name for name in column_types if name not in header]
-    if unknown:
-        raise click.BadParameter(f"no column named {unknown[0]!r} in {csv_path} (columns: {', '.join(header)})", param_hint="'--column-type'")
+    once = [p for p in paths if not rereadable(p)]
+    if once and workers > 1:
+        what = "standard input" if STDIN in once else once[0]
+        raise click.UsageError(f"{what} can be read only once: use --workers=1 with it")
+    if paths.count(STDIN) > 1:
+        raise click.UsageError("standard input (-) given more than once")
+    checked = []
+    for path in paths:
+        if path in once:
+            continue
+        try:
+            checked.append(check_csv(path, fmt))
+        except CsvError as exc:
+            raise click.ClickException(f"cannot stream {exc}") from None
+    columns = {name for c in checked for name in c.header}
+    unknown = [name for name in column_types if name not in columns]
+    if unknown and not once:
+        shown = ", ".join(dict.fromkeys(name for c in checked for name in c.header))
+        raise click.BadParameter(f"no column named {unknown[0]!r} in {', '.join(paths)} (columns: {shown})", param_hint="'--column-type'")
     cfg = StreamerConfig(
         workers=workers,
         worker=WorkerConfig(
-            csv=csv_path,
+            csv=tuple(paths),
+            csv_format=fmt,
             rate=rate,
             topic=topic,
             broker_url=broker_url or "",
@@ -185,12 +263,17 @@ def command(
             persistence=persistence_cfg,
             max_message_bytes=max_message_bytes,
             subscriber_queue=subscriber_queue,
-            ack_timeout_s=ack_timeout or 30.0,
+            ack_timeout_s=ack_timeout,
             max_deliveries=max_deliveries,
         ),
     )
     setup_logging(log_level, log_format, component="streamer")
-    logging.getLogger("streamer").info("CSV %s: columns %s", csv_path, ", ".join(header))
+    log = logging.getLogger("streamer")
+    for c in checked:
+        shown = "tab" if c.delimiter == "\t" else repr(c.delimiter)
+        log.info("CSV %s: delimiter %s (%s), columns %s", c.path, shown, c.delimiter_from, ", ".join(c.header))
+    for path in once:
+        log.info("CSV %s: read once (it cannot be read again); the streamer drains and exits at its end", "standard input" if path == STDIN else path)
     return _serve(cfg)
 
 
@@ -208,4 +291,4 @@ def _serve(cfg: StreamerConfig) -> int:
 
 
 def main() -> None:
-    commandline.run(command, "telemetry-streamer")
+    commandline.run(command, "telemetry-streamer", log_format_env=env("LOG_FORMAT"))
