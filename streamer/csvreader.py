@@ -255,11 +255,20 @@ def _bytes(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogateescape"))
 
 
-def _replay(pending: deque, lines) -> Iterator[str]:
-    while True:
-        while pending:
-            yield pending.popleft()
-        line = next(lines, None)
-        if line is None:
-            return
-        yield line
+class _replay:
+    """Lines to read again first (after an unclosed quote), then the rest; unlike a generator it
+    can go on after reporting its end, when more lines are put back."""
+
+    __slots__ = ("pending", "lines")
+
+    def __init__(self, pending: deque, lines):
+        self.pending = pending
+        self.lines = lines
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        if self.pending:
+            return self.pending.popleft()
+        return next(self.lines)
