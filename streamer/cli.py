@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import re
 
 import click
@@ -50,6 +51,17 @@ class Rate(click.ParamType):
         if not math.isfinite(rate) or rate < 0:
             self.fail(f"{value!r} must be a finite number >= 0 (0 means unthrottled)", param, ctx)
         return rate
+
+
+class CsvPath(click.ParamType):
+    """A --csv value; in TELEMETRY_STREAMER_CSV several are separated by ':' as in PATH (not by
+    spaces: file names may have them)."""
+
+    name = "path"
+    envvar_list_splitter = os.pathsep
+
+    def convert(self, value, param, ctx):
+        return value
 
 
 def _topic(ctx, param, value: str) -> str:
@@ -99,10 +111,11 @@ def _column_types(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
 @option(
     "--csv",
     "csv_specs",
+    type=CsvPath(),
     required=True,
     multiple=True,
     envvar=env("CSV"),
-    help="CSV file, glob or directory (its *.csv) to stream, read again from the start at its end; repeatable; - reads standard input once.",
+    help="CSV file, glob or directory (its *.csv) to stream, read again from the start at its end; repeatable (in the environment: separated by ':'); - reads standard input once.",
 )
 @option("--workers", type=click.IntRange(min=1), default=1, envvar=env("WORKERS"), help="Worker processes.")
 @option("--rate", type=Rate(), default=1.0, envvar=env("RATE"), help="Messages per second per worker (fractions allowed; 0 = unthrottled).")

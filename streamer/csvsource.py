@@ -224,7 +224,7 @@ class CsvSource:
         self.completed_passes = 0
         self._rows: Iterator[bytes] | None = None  # the pass being read
         self._rows_this_pass = 0
-        self._skipped_at_pass_start: Counter = Counter()
+        self._pass_skipped: Counter = Counter()  # what the current pass skipped, by reason
         self._error: Exception | None = None  # raised by the next take(), after a partial batch
 
     def take(self, n: int) -> list[bytes]:
@@ -247,7 +247,6 @@ class CsvSource:
                     self._rows = self.open_pass(check=not checked)
                     checked = True
                     self._rows_this_pass = 0
-                    self._skipped_at_pass_start = self.skipped.copy()
                 before = len(batch)
                 batch.extend(islice(self._rows, n - before))
                 self._rows_this_pass += len(batch) - before
@@ -269,7 +268,7 @@ class CsvSource:
 
     def pass_skips(self) -> str:
         """What the current (or last) pass skipped, by reason, for a log line."""
-        counts = self.skipped - self._skipped_at_pass_start
+        counts = self._pass_skipped
         return ", ".join(f"{reason}={count}" for reason, count in sorted(counts.items())) or "nothing"
 
     def open_pass(self, check: bool = True) -> Iterator[bytes]:
@@ -277,6 +276,8 @@ class CsvSource:
 
         With check=False complete cached passes are replayed without looking at the files."""
         self.passes += 1
+        if self._pass_skipped:
+            self._pass_skipped = Counter()
         if len(self.inputs) == 1:
             return self._input_pass(self.inputs[0], check)
         return chain.from_iterable(self._input_pass(i, check) for i in self.inputs)
@@ -290,7 +291,9 @@ class CsvSource:
         else:
             identity = _identity(os.stat(item.path))
         if cache is not None and cache.identity == identity and cache.complete:
-            self.skipped.update(cache.skipped)
+            if cache.skipped:
+                self.skipped.update(cache.skipped)
+                self._pass_skipped.update(cache.skipped)
             return iter(cache.rows)
         item.cache = None
         return self._parse(item, identity)
@@ -337,6 +340,7 @@ class CsvSource:
                         reason, detail = "message_too_large", f"{len(encoded) + ENVELOPE_BYTES} bytes, over --max-message-bytes"
                 current.skipped[reason] += 1
                 self.skipped[reason] += 1
+                self._pass_skipped[reason] += 1
                 if log_skips:
                     if logged < _LOGGED_SKIPS_PER_PASS:
                         log.warning("%s: skipped line %d of %s (%s: %s)", self.label, reader.line, shown, reason, detail)

@@ -251,3 +251,11 @@ def test_utf16_without_bom_is_refused_at_start_with_a_hint(tmp_path):
     path.write_bytes("gpu,util\n0,1\n".encode("utf-16-le"))
     code, _, stderr = run("streamer", f"--csv={path}")
     assert code == 1 and "--encoding=utf-16-le" in stderr
+
+
+def test_several_csv_in_the_environment_are_separated_like_path(tmp_path):
+    spaced = tmp_path / "my metrics.csv"
+    spaced.write_text("a\n1\n")
+    env = {"TELEMETRY_STREAMER_CSV": f"{spaced}{os.pathsep}tests/data/european.csv"}
+    code, _, stderr = run("streamer", "--column-type=nosuch=int", env=env)
+    assert code == 2 and "my metrics.csv, tests/data/european.csv" in stderr and "Zeitstempel" in stderr
