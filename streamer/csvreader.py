@@ -148,19 +148,27 @@ class Reader:
                 else:
                     if comment is not None and line.startswith(comment):
                         continue
-                    if record(line) is not None:  # a complete, well-formed record: the csv module splits it
-                        text = line
-                        feed(line)
-                        try:
-                            row = parse()
-                        except csv.Error:  # only a field over the csv module's limit gets here
-                            row = Malformed("field_too_large", f"a field over {self.max_field_bytes} bytes")
-                            self._feed.clear()
-                            self._csv = self._new_csv()
-                            parse = self._csv.__next__
-                    else:
+                    # the csv module splits it, strictly: text after a closing quote raises, a quote
+                    # left open asks for the next line (IndexError: none is fed)
+                    feed(line)
+                    try:
+                        row = parse()
+                    except (csv.Error, IndexError):
+                        self._feed.clear()
+                        row = None
+                    if row is not None:
+                        # csv keeps a quote inside an unquoted field (a"b): with q quotes in the
+                        # values, a line of n fields all quoted has exactly 2(n + q); q == 0 rules
+                        # it out too. Other lines with quoted quotes get the full regex check.
+                        q = "".join(row).count('"')
+                        if q and line.count('"') != 2 * (len(row) + q) and record(line) is None:
+                            row = None
+                    if row is None:
+                        text = line.rstrip("\r\n")
+                        if not text:
+                            continue
                         first = number
-                        row, extra, number = self._slow(line, line.rstrip("\r\n"), source, number)
+                        row, extra, number = self._slow(line, text, source, number)
                         self.line = first
                         if extra:  # an unclosed quote: the lines after the one where it opened are read again
                             number = first
@@ -172,6 +180,7 @@ class Reader:
                             pending.extendleft(reversed(extra))
                         yield row
                         continue
+                    text = line
                 self.line = number
                 if len(text) > long_line and row.__class__ is list:
                     row = self._check_size(row)

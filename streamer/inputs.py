@@ -101,7 +101,11 @@ def open_text(path: str, encoding: str = "utf-8", stdin_fd: int | None = None) -
         data = _decompressed(raw, path)
         head = _read_head(data)
         encoding = _encoding(head, encoding, path)
-        stream = io.BufferedReader(_Replay(head, data, raw), _BUFFER)
+        if data is raw and raw.seekable():  # a plain file: back to its start, no layer between
+            raw.seek(0)
+            stream = raw
+        else:
+            stream = io.BufferedReader(_Replay(head, data, raw), _BUFFER)
         return io.TextIOWrapper(stream, encoding=encoding, errors="surrogateescape", newline="")
     except BaseException:
         raw.close()
