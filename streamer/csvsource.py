@@ -115,7 +115,8 @@ def open_csv(path: str, fmt: CsvFormat, *, max_field_bytes: int = MAX_FIELD_BYTE
             number += 1
         sample: list[str] = []
         if delimiter is None:
-            sample = list(islice(lines, SNIFF_LINES + 1))
+            # from a pipe only the header and the first row: a live one must not wait for 20 rows
+            sample = list(islice(lines, SNIFF_LINES + 1 if rereadable(path) else 2))
             comment = fmt.comment
             delimiter, source = sniff([line for line in sample if not (comment and line.startswith(comment))]), "sniffed"
         reader = Reader(chain(sample, lines), delimiter, comment=fmt.comment, max_field_bytes=max_field_bytes, first_line=number)

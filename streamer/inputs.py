@@ -29,6 +29,7 @@ STDIN = "-"
 _STDIN_ALIASES = frozenset({"-", "/dev/stdin", "/dev/fd/0", "/proc/self/fd/0"})
 _BUFFER = 1 << 20  # large reads: the layers above cost per read, not per byte
 _HEAD = 4096  # bytes looked at for a byte-order mark and for UTF-16 without one
+_HEAD_MIN = 4  # ...at least this many (the longest byte-order mark), unless the input is shorter
 
 _MAGIC = (
     (b"\x1f\x8b", "gzip"),
@@ -132,10 +133,13 @@ def _decompressed(raw: io.BufferedReader, path: str):
 
 
 def _read_head(data) -> bytes:
+    """Up to _HEAD bytes, but from a pipe only what has arrived once there are a few (a live
+    `nvidia-smi -l 1 | ...` must not wait for 4 KiB)."""
+    read = getattr(data, "read1", data.read)
     chunks, size = [], 0
-    while size < _HEAD:
+    while size < _HEAD_MIN:
         try:
-            chunk = data.read(_HEAD - size)
+            chunk = read(_HEAD - size)
         except (OSError, EOFError, lzma.LZMAError) as exc:
             raise InputError(f"cannot decompress: {exc}") from None
         if not chunk:
@@ -184,7 +188,9 @@ class _Replay(io.RawIOBase):
             buffer[:n] = self._head[:n]
             self._head = self._head[n:]
             return n
-        try:
+        try:  # what is available now (readinto1): a pipe is not waited on to fill the buffer
+            if hasattr(self._rest, "readinto1"):
+                return self._rest.readinto1(buffer)
             if hasattr(self._rest, "readinto"):
                 return self._rest.readinto(buffer)
             chunk = self._rest.read(len(buffer))

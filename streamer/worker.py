@@ -29,6 +29,7 @@ from .config import WorkerConfig
 from .csvsource import CsvError, CsvSource, NoUsableRows
 from .destinations import open_destination
 from .message import Envelope
+from .pipefeed import PipeFeed
 from .rate import RateLimit
 
 log = logging.getLogger("streamer.worker")
@@ -140,9 +141,25 @@ class Worker:
         logged_sent = logged_passes = 0
         warned_unusable = False
         shown = "standard input" if source.path == "-" else source.path
+        feed = PipeFeed(source, asyncio.get_running_loop()) if source.one_shot else None
         while True:
+            if feed is not None:  # read once, by a thread: a live pipe never blocks this loop
+                try:
+                    batch = await feed.take(chunk)
+                except asyncio.CancelledError:
+                    feed.close()
+                    raise
+                if not batch and feed.error is not None:
+                    error = feed.error
+                    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+                    log.error("%s: cannot read %s (%s); it cannot be read again: stopping", self.label, shown, reason)
+                    self.finished = self.failed = True
+                    return
+            else:
+                batch = None
             try:
-                batch = source.take(chunk)
+                if batch is None:
+                    batch = source.take(chunk)
             except NoUsableRows as exc:
                 # every row of a pass was skipped: say so once (with the reasons), then back off quietly
                 if not warned_unusable:

@@ -259,3 +259,40 @@ def test_several_csv_in_the_environment_are_separated_like_path(tmp_path):
     env = {"TELEMETRY_STREAMER_CSV": f"{spaced}{os.pathsep}tests/data/european.csv"}
     code, _, stderr = run("streamer", "--column-type=nosuch=int", env=env)
     assert code == 2 and "my metrics.csv, tests/data/european.csv" in stderr and "Zeitstempel" in stderr
+
+
+@pytest.mark.parametrize("end", ["writer closes", "SIGTERM while the pipe is open"])
+def test_a_live_pipe_streams_rows_as_they_arrive(end):
+    """Like `nvidia-smi --format=csv -l 1 | telemetry-streamer --csv=-`: rows are published while
+    the writer is still writing (nothing waits for a buffer, a batch or the sniffing sample to
+    fill), and a drain does not wait for the pipe."""
+    read_end, write_end = os.pipe()
+    popen = subprocess.Popen(
+        [sys.executable, "-m", "streamer", "--csv=-", "--broker-port=0", "--http-port=0", "--rate=0"],
+        cwd=ROOT,
+        stdin=read_end,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    os.close(read_end)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(popen.stderr.readline, "")), daemon=True)
+    reader.start()
+    try:
+        http = wait_until(lambda: next((m.group(1) for m in map(re.compile(r"HTTP (http://\S+) ").search, list(lines)) if m), None), timeout=30)
+        os.write(write_end, b"timestamp, utilization.gpu [%]\n2024/05/14 10:21:03.123, 45 %\n")
+        wait_until(lambda: get_json(f"{http}/stats/telemetry")[1]["messages"] == 1, timeout=20, message="the first row while the pipe is open")
+        os.write(write_end, b"2024/05/14 10:21:04.123, 46 %\n")
+        wait_until(lambda: get_json(f"{http}/stats/telemetry")[1]["messages"] == 2, timeout=20, message="the second row")
+        if end != "writer closes":
+            popen.send_signal(signal.SIGTERM)
+            assert popen.wait(30) == 0
+    finally:
+        os.close(write_end)
+        if popen.poll() is None and end != "writer closes":
+            popen.kill()
+    assert popen.wait(30) == 0
+    reader.join(5)
+    output = "".join(lines)
+    assert summary(output)["published"] == 2 and "Fatal" not in output and "Traceback" not in output
