@@ -92,7 +92,7 @@ def _is_utf8(values: list[str]) -> bool:
     return True
 
 
-def open_csv(path: str, fmt: CsvFormat, *, max_field_bytes: int = MAX_FIELD_BYTES, stdin_fd: int | None = None) -> Opened:
+def open_csv(path: str, fmt: CsvFormat, *, max_field_bytes: int = MAX_FIELD_BYTES, stdin_fd: int | None = None, pipe: bool = False) -> Opened:
     """Open one input and read its header. Raises OSError, or CsvError with one reason."""
     try:
         f = open_text(path, fmt.encoding, stdin_fd)
@@ -116,7 +116,7 @@ def open_csv(path: str, fmt: CsvFormat, *, max_field_bytes: int = MAX_FIELD_BYTE
         sample: list[str] = []
         if delimiter is None:
             # from a pipe only the header and the first row: a live one must not wait for 20 rows
-            sample = list(islice(lines, SNIFF_LINES + 1 if rereadable(path) else 2))
+            sample = list(islice(lines, 2 if pipe else SNIFF_LINES + 1))
             comment = fmt.comment
             delimiter, source = sniff([line for line in sample if not (comment and line.startswith(comment))]), "sniffed"
         reader = Reader(chain(sample, lines), delimiter, comment=fmt.comment, max_field_bytes=max_field_bytes, first_line=number)
@@ -308,7 +308,7 @@ class CsvSource:
         current = _Pass(identity)
         logged = 0
         shown = "standard input" if path == STDIN else path
-        opened = open_csv(path, self.fmt, max_field_bytes=self.max_field_bytes, stdin_fd=self.stdin_fd)
+        opened = open_csv(path, self.fmt, max_field_bytes=self.max_field_bytes, stdin_fd=self.stdin_fd, pipe=not item.rereadable)
         try:
             header = opened.header
             converters = converters_for(header, self.column_types, self.fmt.null_values)
