@@ -94,6 +94,7 @@ def _is_utf8(values: list[str]) -> bool:
 
 def open_csv(path: str, fmt: CsvFormat, *, max_field_bytes: int = MAX_FIELD_BYTES, stdin_fd: int | None = None, pipe: bool = False) -> Opened:
     """Open one input and read its header. Raises OSError, or CsvError with one reason."""
+    shown = "standard input" if path == STDIN else path
     try:
         f = open_text(path, fmt.encoding, stdin_fd)
     except InputError as exc:
@@ -123,15 +124,15 @@ def open_csv(path: str, fmt: CsvFormat, *, max_field_bytes: int = MAX_FIELD_BYTE
         rows = iter(reader)
         header = next(rows, None)
         if header is None:
-            raise CsvError(f"{path}: file is empty")
+            raise CsvError(f"{shown}: file is empty")
         if isinstance(header, Malformed):
-            raise CsvError(f"{path}: malformed header on line {reader.line}: {header.detail}")
+            raise CsvError(f"{shown}: malformed header on line {reader.line}: {header.detail}")
         if not _is_utf8(header):
-            raise CsvError(f"{path}: header is not valid {fmt.encoding.upper() if fmt.encoding.lower() != 'utf-8' else 'UTF-8'}")
+            raise CsvError(f"{shown}: header is not valid {fmt.encoding.upper() if fmt.encoding.lower() != 'utf-8' else 'UTF-8'}")
         seen: set[str] = set()
         for name in header:
             if name in seen:
-                raise CsvError(f"{path}: duplicate column name {name!r} in header")
+                raise CsvError(f"{shown}: duplicate column name {name!r} in header")
             seen.add(name)
         return Opened(header, rows, reader, delimiter, source, f)
     except (CsvError, UnicodeDecodeError):
@@ -139,7 +140,7 @@ def open_csv(path: str, fmt: CsvFormat, *, max_field_bytes: int = MAX_FIELD_BYTE
         raise
     except OSError as exc:
         f.close()
-        raise CsvError(f"{path}: {exc.strerror or exc}") from None
+        raise CsvError(f"{shown}: {exc.strerror or exc}") from None
 
 
 @dataclass(frozen=True)

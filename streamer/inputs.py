@@ -157,7 +157,9 @@ def _encoding(head: bytes, encoding: str, path: str) -> str:
     if canonical == "utf-8":
         canonical = "utf-8-sig"
     if not canonical.startswith(("utf-16", "utf-32")) and _looks_like_utf16(head):
-        raise InputError(f"{path}: looks like UTF-16 without a byte-order mark: give --encoding=utf-16-le (or utf-16-be)")
+        raise InputError(
+            f"{'standard input' if path == STDIN else path}: looks like UTF-16 without a byte-order mark: give --encoding=utf-16-le (or utf-16-be)"
+        )
     return canonical
 
 

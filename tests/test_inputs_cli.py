@@ -296,3 +296,8 @@ def test_a_live_pipe_streams_rows_as_they_arrive(end):
     reader.join(5)
     output = "".join(lines)
     assert summary(output)["published"] == 2 and "Fatal" not in output and "Traceback" not in output
+
+
+def test_empty_stdin_ends_with_one_error_and_exit_1():
+    code, _, stderr = run("streamer", "--csv=-", "--broker-port=0", "--http-port=0", input=b"")
+    assert code == 1 and "cannot read standard input (standard input: file is empty)" in stderr and "retrying" not in stderr
