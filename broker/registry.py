@@ -35,7 +35,9 @@ class TopicRegistry:
                 os.makedirs(persistence.directory, exist_ok=True)
                 names += sorted(n for n in os.listdir(persistence.directory) if valid_topic(n) and os.path.isdir(os.path.join(persistence.directory, n)))
             except OSError as exc:
-                raise RegistryStartError(f"cannot use persistence directory {persistence.directory}: {_directory_problem(persistence.directory, exc)}") from None
+                raise RegistryStartError(
+                    f"cannot use persistence directory {persistence.directory}: {_directory_problem(persistence.directory, exc)}"
+                ) from None
         for name in dict.fromkeys(names):
             try:
                 self._create(name)
