@@ -20,7 +20,7 @@ import click
 from common import commandline
 from common.logsetup import FORMATS, LEVELS, setup_logging
 from common.names import valid_topic
-from common.options import Size, Timestamp
+from common.options import Size, Timestamp, bool_flag
 from common.timefmt import rfc3339_ns
 
 from .config import BrokerConfig
@@ -50,8 +50,8 @@ def command():
 @option("--max-message-bytes", type=Size(minimum=64), default=MAX_MESSAGE_BYTES, envvar=env("MAX_MESSAGE_BYTES"), help="Largest message accepted.")
 @consumer_options("TELEMETRY_BROKER_")
 @persistence_options("TELEMETRY_BROKER_")
-@option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="info", envvar=env("LOG_LEVEL"))
-@option("--log-format", type=click.Choice(FORMATS), default="text", envvar=env("LOG_FORMAT"))
+@option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="info", envvar=env("LOG_LEVEL"), help="Least severe level logged.")
+@option("--log-format", type=click.Choice(FORMATS), default="text", envvar=env("LOG_FORMAT"), help="text for people, json for log pipelines.")
 def serve(host, port, http_host, http_port, max_message_bytes, subscriber_queue, ack_timeout, max_deliveries, log_level, log_format, **persistence):
     """Serve producers over ZeroMQ and stats over HTTP until SIGINT/SIGTERM."""
     cfg = BrokerConfig(
@@ -61,7 +61,7 @@ def serve(host, port, http_host, http_port, max_message_bytes, subscriber_queue,
         http_port=http_port,
         max_message_bytes=max_message_bytes,
         subscriber_queue=subscriber_queue,
-        ack_timeout_s=ack_timeout or 30.0,
+        ack_timeout_s=ack_timeout,
         max_deliveries=max_deliveries,
         persistence=persistence_config(**persistence),
     )
@@ -99,9 +99,9 @@ async def _serve(cfg: BrokerConfig) -> int:
 
 @command.command()
 @option("--persistence-dir", default="/tmp/mq-data", envvar=env("PERSISTENCE_DIR"), help="The broker's --persistence-dir.")
-@option("--topic", default="telemetry", envvar=env("TOPIC"))
-@option("--from-offset", type=click.IntRange(min=0), default=0, help="First offset to print.")
-@option("--meta", is_flag=True, help="Wrap each message with its offset, producer, seq and receive time.")
+@option("--topic", default="telemetry", envvar=env("TOPIC"), help="Topic to print.")
+@option("--from-offset", type=click.IntRange(min=0), default=0, envvar=env("FROM_OFFSET"), help="First offset to print.")
+@bool_flag("--meta", envvar=env("META"), show_envvar=True, help="Wrap each message with its offset, producer, seq and receive time.")
 def dump(persistence_dir, topic, from_offset, meta):
     """Print a topic's log as JSON lines, in offset order (works while a broker runs, or after it died)."""
     directory = os.path.join(persistence_dir, topic)
@@ -126,13 +126,13 @@ def dump(persistence_dir, topic, from_offset, meta):
 
 @command.command()
 @option("--broker-url", default="tcp://127.0.0.1:5555", envvar=env("URL"), help="The broker's ZeroMQ address.")
-@option("--topic", default="telemetry", envvar=env("TOPIC"))
-@click.option("--from-beginning", is_flag=True, help="Start with the oldest message the broker holds.")
-@click.option("--from-offset", type=click.IntRange(min=0), help="Start at this offset.")
-@click.option("--from-time", type=Timestamp(), help="Start at the first message received at or after this time (RFC 3339).")
-@click.option("--meta", is_flag=True, help="Wrap each message as `dump --meta` does.")
-@click.option("--count", type=click.IntRange(min=1), help="Exit after this many messages.")
-@click.option("--group", help="Consume as a member of this consumer group: each message printed is acknowledged.")
+@option("--topic", default="telemetry", envvar=env("TOPIC"), help="Topic to follow.")
+@bool_flag("--from-beginning", envvar=env("FROM_BEGINNING"), show_envvar=True, help="Start with the oldest message the broker holds.")
+@option("--from-offset", type=click.IntRange(min=0), envvar=env("FROM_OFFSET"), help="Start at this offset.")
+@option("--from-time", type=Timestamp(), envvar=env("FROM_TIME"), help="Start at the first message received at or after this time (RFC 3339).")
+@bool_flag("--meta", envvar=env("META"), show_envvar=True, help="Wrap each message as `dump --meta` does.")
+@option("--count", type=click.IntRange(min=1), envvar=env("COUNT"), help="Exit after this many messages.")
+@option("--group", envvar=env("GROUP"), help="Consume as a member of this consumer group: each message printed is acknowledged.")
 def tail(broker_url, topic, from_beginning, from_offset, from_time, meta, count, group):
     """Print a topic's messages as JSON lines as they arrive (new ones only, unless told where to start)."""
     if sum(x is not None and x is not False for x in (from_beginning or None, from_offset, from_time)) > 1:
@@ -230,4 +230,4 @@ class _GroupReader:
 
 
 def main() -> None:
-    commandline.run(command, "telemetry-broker")
+    commandline.run(command, "telemetry-broker", log_format_env="TELEMETRY_BROKER_LOG_FORMAT")

@@ -33,6 +33,8 @@ from .topic import Topic
 
 log = logging.getLogger("broker")
 
+MAX_SILENT_REPORTS = 1024  # per topic: reports of producers that have not published
+
 MAX_SEQ = 2**64 - 1
 
 
@@ -144,8 +146,13 @@ class FrameDispatcher:
             self.bad_frame("bad_report")
             return
         producer = topic.producers.get(producer_id)
-        if producer is not None:  # reports from producers that never published are not kept
+        if producer is not None:
             producer.report = value
+            topic.silent_reports.pop(producer_id, None)
+        else:  # it has not published (every row skipped, so far): its report still counts
+            if producer_id not in topic.silent_reports and len(topic.silent_reports) >= MAX_SILENT_REPORTS:
+                del topic.silent_reports[next(iter(topic.silent_reports))]
+            topic.silent_reports[producer_id] = value
 
     # -- subscribers ---------------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ def json_response(data: object, status: int = 200) -> web.Response:
 
 
 @web.middleware
-async def _json_errors(request: web.Request, handler):
+async def json_errors(request: web.Request, handler):
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -166,7 +166,7 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 def make_app(broker) -> web.Application:
-    app = web.Application(middlewares=[_json_errors])
+    app = web.Application(middlewares=[json_errors])
     app[BROKER] = broker
     app.router.add_get("/stats", _all_stats)
     app.router.add_get("/stats/{topic}", _topic_stats)

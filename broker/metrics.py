@@ -22,7 +22,7 @@ class BrokerCollector:
         accepted_bytes = CounterMetricFamily("telemetry_bytes_accepted", "Message bytes accepted per topic", labels=["topic"])
         duplicates = CounterMetricFamily("telemetry_duplicates", "Messages received again and not stored twice", labels=["topic"])
         acks = CounterMetricFamily("telemetry_acknowledgments", "Batch acknowledgments sent to producers", labels=["topic"])
-        skipped = GaugeMetricFamily("telemetry_rows_skipped", "CSV rows the producers skipped, by reason (latest reports)", labels=["topic", "reason"])
+        skipped = CounterMetricFamily("telemetry_rows_skipped", "CSV rows the producers skipped, by reason (latest reports)", labels=["topic", "reason"])
         sub_dropped = CounterMetricFamily("telemetry_subscriber_dropped", "Messages dropped for slow subscribers", labels=["topic"])
         lag = GaugeMetricFamily("telemetry_group_lag", "Messages not yet acknowledged by a consumer group", labels=["topic", "group"])
         dead = CounterMetricFamily("telemetry_group_dead_lettered", "Messages sent to the dead-letter topic", labels=["topic", "group"])

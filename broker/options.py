@@ -6,7 +6,7 @@ import functools
 
 import click
 
-from common.options import Duration, Size, stack
+from common.options import Duration, Size, bool_flag, stack
 
 from .config import PersistenceConfig
 from .segmentlog import FSYNC_POLICIES
@@ -16,7 +16,12 @@ def persistence_options(env_prefix: str):
     """The --persistence option set, reading TELEMETRY_*_<OPTION> from the environment."""
     option = functools.partial(click.option, show_envvar=True)
     decorators = [
-        option("--persistence", is_flag=True, envvar=env_prefix + "PERSISTENCE", help="Keep each topic in a disk-persisted log."),
+        bool_flag(
+            "--persistence",
+            envvar=env_prefix + "PERSISTENCE",
+            show_envvar=True,
+            help="Keep each topic in a disk-persisted log (--persistence, --persistence=true|false).",
+        ),
         option("--persistence-dir", default="/tmp/mq-data", envvar=env_prefix + "PERSISTENCE_DIR", help="Where the logs live (one directory per topic)."),
         option(
             "--segment-bytes", type=Size(minimum=4096), default="64MiB", envvar=env_prefix + "SEGMENT_BYTES", help="Roll to a new segment file at this size."
@@ -28,7 +33,13 @@ def persistence_options(env_prefix: str):
             envvar=env_prefix + "FSYNC",
             help="always: before every acknowledgment; interval: every --fsync-interval-ms; never: leave it to the OS.",
         ),
-        option("--fsync-interval-ms", type=click.IntRange(min=1), default=1000, envvar=env_prefix + "FSYNC_INTERVAL_MS"),
+        option(
+            "--fsync-interval-ms",
+            type=click.IntRange(min=1, max=3_600_000),
+            default=1000,
+            envvar=env_prefix + "FSYNC_INTERVAL_MS",
+            help="With --fsync=interval: milliseconds between fsyncs of the log.",
+        ),
         option("--retention-bytes", type=Size(), default="1GiB", envvar=env_prefix + "RETENTION_BYTES", help="Delete the oldest segments beyond this size."),
         option(
             "--retention-age",
@@ -68,7 +79,7 @@ def consumer_options(env_prefix: str):
         ),
         option(
             "--ack-timeout",
-            type=Duration(),
+            type=Duration(allow_off=False, minimum=0.001),
             default="30s",
             envvar=env_prefix + "ACK_TIMEOUT",
             help="A group's message not acknowledged this long is delivered again.",

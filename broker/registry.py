@@ -35,13 +35,15 @@ class TopicRegistry:
                 os.makedirs(persistence.directory, exist_ok=True)
                 names += sorted(n for n in os.listdir(persistence.directory) if valid_topic(n) and os.path.isdir(os.path.join(persistence.directory, n)))
             except OSError as exc:
-                raise RegistryStartError(f"cannot use persistence directory {persistence.directory}: {exc.strerror or exc}") from None
+                raise RegistryStartError(
+                    f"cannot use persistence directory {persistence.directory}: {_directory_problem(persistence.directory, exc)}"
+                ) from None
         for name in dict.fromkeys(names):
             try:
                 self._create(name)
             except OSError as exc:
                 where = os.path.join(persistence.directory, name) if persistence else name
-                raise RegistryStartError(f"cannot use persistence directory {where}: {exc.strerror or exc}") from None
+                raise RegistryStartError(f"cannot use persistence directory {where}: {_directory_problem(where, exc)}") from None
 
     def get(self, name: str) -> Topic | None:
         """The topic `name` (a valid name, see common.names), created on first use; None if its log cannot be created."""
@@ -84,3 +86,22 @@ class TopicRegistry:
 def _in_thread(work) -> None:
     """Blocking housekeeping of a log, run in the event loop's default executor."""
     asyncio.get_running_loop().run_in_executor(None, work)
+
+
+def _directory_problem(path: str, exc: OSError) -> str:
+    """The real reason a directory cannot be made or used: the first existing part of the path
+    that is not a directory or not writable, rather than a bare strerror about the whole path."""
+    probe = os.path.abspath(path)
+    while probe and not os.path.lexists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if os.path.lexists(probe) and not os.path.isdir(probe):
+        return f"{probe} exists and is not a directory"
+    if os.path.isdir(probe) and not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable by this user (uid {os.getuid()})"
+    reason = exc.strerror or str(exc)
+    if exc.filename and os.path.abspath(exc.filename) != os.path.abspath(path):
+        return f"{exc.filename}: {reason}"
+    return reason

@@ -72,6 +72,9 @@ class Topic:
         self.duplicates = 0
         self.acks = 0  # acknowledgments sent (one per accepted or duplicate batch)
         self.producers: dict[bytes, Producer] = {}
+        # latest REPORTs of producers that have not published (yet): a worker whose every row is
+        # skipped still shows what it skipped (bounded: the oldest are forgotten)
+        self.silent_reports: dict[bytes, dict] = {}
         self.rejected: Counter = Counter()  # invalid batches, by reason
         self.recent: deque[Span] = deque()  # without persistence: the last MEMORY_WINDOW_BYTES accepted
         self.recent_bytes = 0
@@ -160,6 +163,9 @@ class Topic:
         total: Counter = Counter()
         for producer in self.producers.values():
             total.update(producer.report.get("skipped", {}))
+        for pid, report in self.silent_reports.items():
+            if pid not in self.producers:
+                total.update(report.get("skipped", {}))
         return dict(total)
 
     def stats(self, started: float) -> dict:

@@ -1,5 +1,5 @@
-"""Option value types both commands share (sizes, durations, times, booleans) and a helper to
-apply a set of click options as one decorator."""
+"""Option value types both commands share (sizes, durations, times, booleans) and helpers to
+declare a boolean flag (`bool_flag`) and to apply a set of click options as one decorator."""
 
 from __future__ import annotations
 
@@ -36,20 +36,33 @@ class Size(click.ParamType):
 
 
 class Duration(click.ParamType):
-    """Seconds: 90, 90s, 15m, 24h, 7d; `off` for none."""
+    """Seconds: 90, 90s, 15m, 24h, 7d; `off` (or 0) for none where allow_off, else a usage error.
+
+    A value below `minimum` (such as --ack-timeout=0) is refused rather than replaced."""
 
     name = "duration"
+
+    def __init__(self, allow_off: bool = True, minimum: float = 0.0):
+        self.allow_off = allow_off
+        self.minimum = minimum
 
     def convert(self, value, param, ctx):
         if value is None or isinstance(value, float):
             return value
         text = str(value).strip().lower()
-        if text in ("off", "none", "0"):
-            return None
+        if text in ("off", "none"):
+            if self.allow_off:
+                return None
+            self.fail(f"{value!r}: this duration cannot be turned off", param, ctx)
         match = _DURATION.fullmatch(text)
         if not match:
-            self.fail(f"{value!r} is not a duration (e.g. 90s, 15m, 24h, 7d, off)", param, ctx)
-        return float(match.group(1)) * _SECONDS[match.group(2) or ""]
+            self.fail(f"{value!r} is not a duration (e.g. 90s, 15m, 24h, 7d{', off' if self.allow_off else ''})", param, ctx)
+        seconds = float(match.group(1)) * _SECONDS[match.group(2) or ""]
+        if seconds == 0 and self.allow_off:
+            return None
+        if seconds < self.minimum:
+            self.fail(f"{value!r} is too short (at least {self.minimum:g} s)", param, ctx)
+        return seconds
 
 
 class Timestamp(click.ParamType):
@@ -67,6 +80,35 @@ class Timestamp(click.ParamType):
         if parsed.tzinfo is None:
             self.fail(f"{value!r} has no time zone (add Z for UTC)", param, ctx)
         return int(parsed.timestamp()) * 1_000_000_000 + parsed.microsecond * 1000
+
+
+class Bool(click.ParamType):
+    """A yes/no value: true/false, 1/0, yes/no, on/off (any case)."""
+
+    name = "bool"
+    TRUE = frozenset({"true", "1", "yes", "on"})
+    FALSE = frozenset({"false", "0", "no", "off"})
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in self.TRUE:
+            return True
+        if text in self.FALSE:
+            return False
+        self.fail(f"{value!r} is not a boolean (use true/false, 1/0, yes/no or on/off)", param, ctx)
+
+
+BOOL = Bool()
+
+
+def bool_flag(*names: str, **kwargs):
+    """A boolean flag that also takes a value: `--flag`, `--flag=true|false|1|0|yes|no|on|off`,
+    and the same words in its environment variable. (Manifests written for the original tool
+    say `--persistence=true`.) Give the value with `=`: a bare `--flag` is true."""
+    kwargs.setdefault("default", False)
+    return click.option(*names, type=BOOL, is_flag=False, flag_value="true", metavar="[=BOOL]", **kwargs)
 
 
 def stack(decorators):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import re
 
 import click
@@ -22,8 +23,10 @@ from common.names import NAME_RULE, valid_topic
 from common.options import Size
 
 from .config import StreamerConfig, WorkerConfig
-from .csvsource import CsvError, check_csv
+from .csvreader import parse_delimiter
+from .csvsource import CsvError, CsvFormat, check_csv
 from .infer import parse_column_type
+from .inputs import STDIN, InputError, check_encoding, expand, rereadable
 
 ENV_PREFIX = "TELEMETRY_STREAMER_"
 PORT = click.IntRange(0, 65535)
@@ -50,6 +53,17 @@ class Rate(click.ParamType):
         return rate
 
 
+class CsvPath(click.ParamType):
+    """A --csv value; in TELEMETRY_STREAMER_CSV several are separated by ':' as in PATH (not by
+    spaces: file names may have them)."""
+
+    name = "path"
+    envvar_list_splitter = os.pathsep
+
+    def convert(self, value, param, ctx):
+        return value
+
+
 def _topic(ctx, param, value: str) -> str:
     if not valid_topic(value):
         raise click.BadParameter(f"{value!r}: {NAME_RULE}")
@@ -59,6 +73,26 @@ def _topic(ctx, param, value: str) -> str:
 def _broker_url(ctx, param, value: str | None) -> str | None:
     if value is not None and not _BROKER_URL.fullmatch(value):
         raise click.BadParameter(f"{value!r} is not tcp://HOST:PORT")
+    return value
+
+
+def _delimiter(ctx, param, value: str) -> str | None:
+    try:
+        return parse_delimiter(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _encoding(ctx, param, value: str) -> str:
+    try:
+        return check_encoding(value)
+    except LookupError:
+        raise click.BadParameter(f"unknown encoding {value!r} (e.g. utf-8, utf-16-le, latin-1, cp1252)") from None
+
+
+def _comment(ctx, param, value: str | None) -> str | None:
+    if value is not None and len(value) != 1:
+        raise click.BadParameter(f"{value!r} is not one character")
     return value
 
 
@@ -74,7 +108,15 @@ def _column_types(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
 
 
 @click.command(context_settings={"show_default": True, "max_content_width": 100})
-@option("--csv", "csv_path", required=True, envvar=env("CSV"), help="CSV file to stream (read again from the start at its end).")
+@option(
+    "--csv",
+    "csv_specs",
+    type=CsvPath(),
+    required=True,
+    multiple=True,
+    envvar=env("CSV"),
+    help="CSV file, glob or directory (its *.csv) to stream, read again from the start at its end; repeatable (in the environment: separated by ':'); - reads standard input once.",
+)
 @option("--workers", type=click.IntRange(min=1), default=1, envvar=env("WORKERS"), help="Worker processes.")
 @option("--rate", type=Rate(), default=1.0, envvar=env("RATE"), help="Messages per second per worker (fractions allowed; 0 = unthrottled).")
 @option("--topic", default="telemetry", callback=_topic, envvar=env("TOPIC"), help="Topic to publish to.")
@@ -92,7 +134,13 @@ def _column_types(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
     envvar=env("HTTP_HOST"),
     help="HTTP address: the embedded broker's, or with --broker-url the streamer's own (/healthz, /readyz, /metrics).",
 )
-@option("--http-port", type=PORT, default=8080, envvar=env("HTTP_PORT"), help="HTTP port (0 = any free port).")
+@option(
+    "--http-port",
+    type=PORT,
+    default=None,
+    envvar=env("HTTP_PORT"),
+    help="HTTP port (0 = any free port)  [default: 8080; with --broker-url 8081, beside a broker on 8080]",
+)
 @option(
     "--shutdown-timeout",
     type=click.FloatRange(min=0, max=3600),
@@ -108,6 +156,24 @@ def _column_types(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
     envvar=env("COLUMN_TYPE"),
     metavar="NAME=TYPE",
     help="Force a column's type: bool, int, float or string (repeatable).",
+)
+@option(
+    "--delimiter",
+    default="auto",
+    callback=_delimiter,
+    envvar=env("DELIMITER"),
+    help="Field delimiter: auto (an Excel sep= line, else sniffed from the header and first rows), tab, or one character such as , ; |.",
+)
+@option("--encoding", default="utf-8", callback=_encoding, envvar=env("ENCODING"), help="Text encoding of the CSV (a byte-order mark overrides it).")
+@option("--skip-rows", type=click.IntRange(min=0), default=0, envvar=env("SKIP_ROWS"), help="Lines to skip before the header (a preamble).")
+@option("--comment", default=None, callback=_comment, envvar=env("COMMENT"), help="Skip lines starting with this character (e.g. #).")
+@option(
+    "--null-value",
+    "null_values",
+    multiple=True,
+    envvar=env("NULL_VALUE"),
+    metavar="TEXT",
+    help="A value published as JSON null (repeatable); [N/A] and [Not Supported] always are.",
 )
 @option(
     "--max-message-bytes",
@@ -132,10 +198,10 @@ def _column_types(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
 )
 @consumer_options(ENV_PREFIX)
 @persistence_options(ENV_PREFIX)
-@option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="info", envvar=env("LOG_LEVEL"))
+@option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="info", envvar=env("LOG_LEVEL"), help="Least severe level logged.")
 @option("--log-format", type=click.Choice(FORMATS), default="text", envvar=env("LOG_FORMAT"), help="text for people, json for log pipelines.")
 def command(
-    csv_path,
+    csv_specs,
     workers,
     rate,
     topic,
@@ -145,6 +211,11 @@ def command(
     http_port,
     shutdown_timeout,
     column_types,
+    delimiter,
+    encoding,
+    skip_rows,
+    comment,
+    null_values,
     buffer_messages,
     linger,
     max_message_bytes,
@@ -159,17 +230,37 @@ def command(
     if persistence["persistence"] and broker_url:
         raise click.UsageError("--persistence belongs to the broker: with --broker-url, give it to `telemetry-broker serve` instead")
     persistence_cfg = persistence_config(**persistence)
+    if http_port is None:
+        http_port = 8081 if broker_url else 8080
+    fmt = CsvFormat(delimiter=delimiter, encoding=encoding, skip_rows=skip_rows, comment=comment, null_values=tuple(null_values))
     try:
-        header = check_csv(csv_path)
-    except CsvError as exc:
+        paths = expand(csv_specs)
+    except InputError as exc:
         raise click.ClickException(f"cannot stream {exc}") from None
-    unknown = [name for name in column_types if name not in header]
-    if unknown:
-        raise click.BadParameter(f"no column named {unknown[0]!r} in {csv_path} (columns: {', '.join(header)})", param_hint="'--column-type'")
+    once = [p for p in paths if not rereadable(p)]
+    if once and workers > 1:
+        what = "standard input" if STDIN in once else once[0]
+        raise click.UsageError(f"{what} can be read only once: use --workers=1 with it")
+    if paths.count(STDIN) > 1:
+        raise click.UsageError("standard input (-) given more than once")
+    checked = []
+    for path in paths:
+        if path in once:
+            continue
+        try:
+            checked.append(check_csv(path, fmt))
+        except CsvError as exc:
+            raise click.ClickException(f"cannot stream {exc}") from None
+    columns = {name for c in checked for name in c.header}
+    unknown = [name for name in column_types if name not in columns]
+    if unknown and not once:
+        shown = ", ".join(dict.fromkeys(name for c in checked for name in c.header))
+        raise click.BadParameter(f"no column named {unknown[0]!r} in {', '.join(paths)} (columns: {shown})", param_hint="'--column-type'")
     cfg = StreamerConfig(
         workers=workers,
         worker=WorkerConfig(
-            csv=csv_path,
+            csv=tuple(paths),
+            csv_format=fmt,
             rate=rate,
             topic=topic,
             broker_url=broker_url or "",
@@ -194,12 +285,17 @@ def command(
             persistence=persistence_cfg,
             max_message_bytes=max_message_bytes,
             subscriber_queue=subscriber_queue,
-            ack_timeout_s=ack_timeout or 30.0,
+            ack_timeout_s=ack_timeout,
             max_deliveries=max_deliveries,
         ),
     )
     setup_logging(log_level, log_format, component="streamer")
-    logging.getLogger("streamer").info("CSV %s: columns %s", csv_path, ", ".join(header))
+    log = logging.getLogger("streamer")
+    for c in checked:
+        shown = "tab" if c.delimiter == "\t" else repr(c.delimiter)
+        log.info("CSV %s: delimiter %s (%s), columns %s", c.path, shown, c.delimiter_from, ", ".join(c.header))
+    for path in once:
+        log.info("CSV %s: read once (it cannot be read again); the streamer drains and exits at its end", "standard input" if path == STDIN else path)
     return _serve(cfg)
 
 
@@ -217,4 +313,4 @@ def _serve(cfg: StreamerConfig) -> int:
 
 
 def main() -> None:
-    commandline.run(command, "telemetry-streamer")
+    commandline.run(command, "telemetry-streamer", log_format_env=env("LOG_FORMAT"))

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from broker.config import BrokerConfig
 
+from .csvsource import CsvFormat
+
 
 @dataclass(frozen=True)
 class ReplayConfig:
@@ -38,11 +40,12 @@ class ReplayConfig:
 class WorkerConfig:
     """Everything one worker process needs; picklable, passed to it at spawn."""
 
-    csv: str
+    csv: tuple[str, ...]  # the inputs, in pass order ("-" is standard input)
     rate: float  # messages per second for this worker; 0 = unthrottled
     topic: str
     broker_url: str
     column_types: dict[str, str] = field(default_factory=dict)
+    csv_format: CsvFormat = CsvFormat()
     shutdown_timeout: float = 10.0
     buffer_messages: int = 100_000  # unacknowledged messages held before reading pauses
     batch_messages: int = 4000  # largest batch sent in one frame

@@ -9,6 +9,8 @@ workers' metrics. (With the embedded broker, its HTTP serves these, with the bro
     GET /stats     {"workers": {index: {pid, running, restarts, given_up, sent, published,
                    unacknowledged, lost_by_broker, skipped}}} (the same object as the embedded
                    broker's /stats shows)
+
+Every error (an unknown path, a wrong method) is a JSON object {"error": ...}, as the broker's.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from broker.http import json_response, serve_app
+from broker.http import json_errors, json_response, serve_app
 from broker.webconsole import add_console
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -70,7 +72,7 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 async def start_health(supervisor, host: str, port: int) -> tuple[web.AppRunner, str]:
-    app = web.Application()
+    app = web.Application(middlewares=[json_errors])
     app[SUPERVISOR] = supervisor
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)

@@ -49,6 +49,8 @@ class WorkerSlot:
     restarts: int = 0
     restart_times: list = field(default_factory=list)
     given_up: bool = False
+    finished: bool = False  # read its read-once input to the end and drained: not restarted
+    failed: bool = False
     exited: asyncio.Event = field(default_factory=asyncio.Event)
 
     COUNTS = ("sent", "published", "unacked", "lost_by_broker")  # status counts summed over the slot's processes
@@ -151,7 +153,10 @@ class Supervisor:
 
     def _spawn(self, slot: WorkerSlot) -> None:
         receiver, sender = self._mp.Pipe(duplex=False)
-        process = self._mp.Process(target=worker.main, args=(self._worker_cfg, slot.index, sender), name=f"worker-{slot.index}", daemon=False)
+        args = (self._worker_cfg, slot.index, sender)
+        if "-" in self._worker_cfg.csv:
+            args += (_InheritedFd(0),)  # the CSV comes from our standard input
+        process = self._mp.Process(target=worker.main, args=args, name=f"worker-{slot.index}", daemon=False)
         process.start()
         sender.close()
         slot.process, slot.conn, slot.status = process, receiver, {}
@@ -178,6 +183,13 @@ class Supervisor:
         slot.conn.close()
         slot.exited.set()
         if self.draining:
+            return
+        if slot.status.get("finished") and process.exitcode == 0:  # its read-once input is done
+            slot.finished, slot.failed = True, bool(slot.status.get("failed"))
+            slot.retire()
+            if all(s.finished or s.given_up for s in self.slots):
+                log.info("Every input was read to its end: stopping")
+                self.should_exit.set()
             return
         slot.retire()
         now = time.monotonic()
@@ -249,7 +261,24 @@ class Supervisor:
         if forced:
             summary = "Forced exit: " + summary.removeprefix("Drained: ")
         log.info("%s", summary)
-        return 1 if forced or unacked or any(s.given_up for s in self.slots) else 0
+        return 1 if forced or unacked or any(s.given_up or s.failed for s in self.slots) else 0
+
+
+class _InheritedFd:
+    """A file descriptor of this process handed to a spawned child (which gets its own copy):
+    multiprocessing gives children /dev/null as standard input, so the CSV's `-` travels this way."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):
+        from multiprocessing import reduction
+
+        return (_detach, (reduction.DupFd(self.fd),))
+
+
+def _detach(dup) -> int:
+    return dup.detach()
 
 
 def worker_context() -> multiprocessing.context.BaseContext:

@@ -5,7 +5,9 @@ The per-message path is `Envelope.batch` (one clock read and one format per mess
 else here happens per batch or per pass.
 
 The parent receives a status dict over a pipe about once a second and once more at exit:
-{"sent", "published", "unacked", "lost_by_broker", "skipped"} (see supervisor.WorkerSlot).
+{"sent", "published", "unacked", "lost_by_broker", "skipped", "finished", "failed"} (see
+supervisor.WorkerSlot); `finished` (in the final status only) means the input was read once to
+its end (standard input, a FIFO) and the worker drained on its own: the parent does not restart it.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from broker.protocol import batch_bytes
 from common.logsetup import setup_logging
 
 from .config import WorkerConfig
-from .csvsource import CsvError, CsvSource
+from .csvsource import CsvError, CsvSource, NoUsableRows
 from .destinations import open_destination
 from .message import Envelope
+from .pipefeed import PipeFeed
 from .rate import RateLimit
 
 log = logging.getLogger("streamer.worker")
@@ -66,8 +69,9 @@ def schedule_as_batch_work() -> bool:
     return True
 
 
-def main(cfg: WorkerConfig, index: int, status: Connection) -> None:
-    """Entry point of a worker process (started by the supervisor)."""
+def main(cfg: WorkerConfig, index: int, status: Connection, stdin_fd: int | None = None) -> None:
+    """Entry point of a worker process (started by the supervisor); stdin_fd is the parent's
+    standard input when the CSV is read from it (multiprocessing gives a child /dev/null)."""
     parent_pid = die_with_parent()
     schedule_as_batch_work()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole group; the parent decides
@@ -75,21 +79,23 @@ def main(cfg: WorkerConfig, index: int, status: Connection) -> None:
     try:
         import uvloop
 
-        uvloop.run(Worker(cfg, index, status, parent_pid).run())
+        uvloop.run(Worker(cfg, index, status, parent_pid, stdin_fd).run())
     except Exception:
         log.exception("Worker %d: crashed", index)
         sys.exit(1)
 
 
 class Worker:
-    def __init__(self, cfg: WorkerConfig, index: int, status: Connection, parent_pid: int):
+    def __init__(self, cfg: WorkerConfig, index: int, status: Connection, parent_pid: int, stdin_fd: int | None = None):
         self.cfg = cfg
         self.index = index
         self.label = f"Worker {index}"
         self.status = status
         self.parent_pid = parent_pid
         self.sent = 0
-        self.source = CsvSource(cfg.csv, cfg.column_types, max_message_bytes=cfg.max_message_bytes, label=self.label)
+        self.source = CsvSource(cfg.csv, cfg.column_types, fmt=cfg.csv_format, max_message_bytes=cfg.max_message_bytes, label=self.label, stdin_fd=stdin_fd)
+        self.finished = False  # a read-once input is done: drain and exit without a restart
+        self.failed = False
         self.destination = open_destination(cfg)
         self.name = f"worker-{index}@{socket.gethostname()}/{os.getpid()}"
         self._stop = asyncio.Event()
@@ -113,7 +119,7 @@ class Worker:
         flushed = await self.destination.flush(self.cfg.shutdown_timeout)
         if not flushed:
             log.warning("%s: shutdown timeout (%.1f s): %d messages unacknowledged", self.label, self.cfg.shutdown_timeout, self.destination.unacked)
-        self._send_status()
+        self._send_status(final=True)
         await self.destination.close()
         log.info("%s stopped: published=%d unacknowledged=%d", self.label, self.destination.published, self.destination.unacked)
         if isinstance(results[0], Exception) and not isinstance(results[0], asyncio.CancelledError):
@@ -131,16 +137,51 @@ class Worker:
         retry = RETRY_MIN_S
         last_progress = last_pass_log = time.monotonic()
         logged_sent = logged_passes = 0
+        warned_unusable = False
+        shown = "standard input" if source.path == "-" else source.path
+        feed = PipeFeed(source, asyncio.get_running_loop()) if source.one_shot else None
         while True:
+            if feed is not None:  # read once, by a thread: a live pipe never blocks this loop
+                try:
+                    batch = await feed.take(chunk)
+                except asyncio.CancelledError:
+                    feed.close()
+                    raise
+                if not batch and feed.error is not None:
+                    error = feed.error
+                    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+                    log.error("%s: cannot read %s (%s); it cannot be read again: stopping", self.label, shown, reason)
+                    self.finished = self.failed = True
+                    return
+            else:
+                batch = None
             try:
-                batch = source.take(chunk)
-            except (OSError, CsvError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-                log.warning("%s: cannot read %s (%s); retrying in %.1f s", self.label, cfg.csv, reason, retry)
+                if batch is None:
+                    batch = source.take(chunk)
+            except NoUsableRows as exc:
+                # every row of a pass was skipped: say so once (with the reasons), then back off quietly
+                if not warned_unusable:
+                    log.warning("%s: %s; retrying with backoff (up to %.0f s)", self.label, exc, RETRY_MAX_S)
+                    warned_unusable = True
                 await asyncio.sleep(retry)
                 retry = min(retry * 2, RETRY_MAX_S)
                 continue
+            except (OSError, CsvError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                if source.finished:
+                    log.error("%s: cannot read %s (%s); it cannot be read again: stopping", self.label, shown, reason)
+                    self.finished = self.failed = True
+                    return
+                log.warning("%s: cannot read %s (%s); retrying in %.1f s", self.label, shown, reason, retry)
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, RETRY_MAX_S)
+                continue
+            if not batch and source.finished:
+                log.info("%s: end of %s after %d records (it is read once); draining", self.label, shown, self.sent)
+                self.finished = True
+                return
             retry = RETRY_MIN_S
+            warned_unusable = False
             if limit:
                 await limit.acquire(len(batch))
             body = envelope.batch_at(batch, *limit.due_times(len(batch))) if lingering else envelope.batch(batch)
@@ -190,13 +231,15 @@ class Worker:
         except Exception:  # the report is informative; never let it stop a drain
             log.debug("%s: report to broker failed", self.label, exc_info=True)
 
-    def _send_status(self) -> None:
+    def _send_status(self, final: bool = False) -> None:
         status = {
             "sent": self.sent,
             "published": self.destination.published,
             "unacked": self.destination.unacked,
             "lost_by_broker": self.destination.lost_by_broker,
             "skipped": dict(self.source.skipped),
+            "finished": self.finished and final,
+            "failed": self.failed,
         }
         try:
             self.status.send(status)

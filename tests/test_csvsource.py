@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamer.csvsource import MAX_FIELD_CHARS, CsvError, CsvSource, NoUsableRows, check_csv
+from streamer.csvsource import MAX_FIELD_BYTES, CsvError, CsvSource, NoUsableRows, check_csv
 
 
 def write(tmp_path, data: bytes, name="t.csv"):
@@ -38,7 +38,7 @@ def test_forced_column_type_applies_to_every_row(tmp_path):
 
 
 def test_bad_rows_are_skipped_counted_and_logged_with_line_numbers(tmp_path, caplog):
-    big = b"x" * (MAX_FIELD_CHARS + 1)
+    big = b"x" * (MAX_FIELD_BYTES + 1)
     data = b"a,b\n1,2\n3\n4,\xff\xfe\n5," + big + b"\n6,7\n8,nope\n9,10\n"
     source = CsvSource(write(tmp_path, data), {"b": "int"})
     rows = one_pass(source)
@@ -53,7 +53,7 @@ def test_unchanged_file_is_replayed_from_cache_and_skips_counted_each_pass(tmp_p
     path = write(tmp_path, b"a\n1\n2\n\xff\n")
     source = CsvSource(path, {})
     first = list(source.open_pass())
-    assert source._cache is not None and source._cache.complete
+    assert source.inputs[0].cache is not None and source.inputs[0].cache.complete
     second = list(source.open_pass())
     assert second == first and second[0] is first[0]  # the same encoded objects: no re-parse
     assert source.skipped["invalid_utf8"] == 2
@@ -74,7 +74,7 @@ def test_file_over_the_cache_budget_is_streamed_every_pass(tmp_path):
     path = write(tmp_path, b"a\n" + b"".join(b"%d\n" % i for i in range(1000)))
     source = CsvSource(path, {}, cache_bytes=1000)
     assert len(one_pass(source)) == 1000
-    assert source._cache is None
+    assert source.inputs[0].cache is None
     assert len(one_pass(source)) == 1000
 
 
@@ -100,7 +100,7 @@ def test_check_csv_refuses_missing_and_directories(tmp_path):
 
 
 def test_check_csv_accepts_and_returns_header(tmp_path):
-    assert check_csv(write(tmp_path, b"\xef\xbb\xbfx,y\n1,2\n")) == ["x", "y"]
+    assert check_csv(write(tmp_path, b"\xef\xbb\xbfx,y\n1,2\n")).header == ["x", "y"]
 
 
 def records_after_the_header(data: bytes) -> int:
