@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import sys
 
 import click
 
@@ -27,6 +28,8 @@ from .csvreader import parse_delimiter
 from .csvsource import CsvError, CsvFormat, check_csv
 from .infer import parse_column_type
 from .inputs import STDIN, InputError, check_encoding, expand, rereadable
+from .replay_options import NAMES as REPLAY_OPTIONS
+from .replay_options import replay_config, replay_options
 
 ENV_PREFIX = "TELEMETRY_STREAMER_"
 PORT = click.IntRange(0, 65535)
@@ -196,6 +199,7 @@ def _column_types(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
     envvar=env("LINGER"),
     help="Below 100 messages/s per worker: seconds a due message may wait to be sent with the others due (each keeps its due time as timestamp); 0 = send each at once.",
 )
+@replay_options(option, env)
 @consumer_options(ENV_PREFIX)
 @persistence_options(ENV_PREFIX)
 @option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="info", envvar=env("LOG_LEVEL"), help="Least severe level logged.")
@@ -229,6 +233,7 @@ def command(
     """Stream a CSV file's rows as timestamped JSON messages into a topic, from N worker processes."""
     if persistence["persistence"] and broker_url:
         raise click.UsageError("--persistence belongs to the broker: with --broker-url, give it to `telemetry-broker serve` instead")
+    replay_values = {name: persistence.pop(name) for name in REPLAY_OPTIONS}  # the rest are persistence options
     persistence_cfg = persistence_config(**persistence)
     if http_port is None:
         http_port = 8081 if broker_url else 8080
@@ -256,6 +261,9 @@ def command(
     if unknown and not once:
         shown = ", ".join(dict.fromkeys(name for c in checked for name in c.header))
         raise click.BadParameter(f"no column named {unknown[0]!r} in {', '.join(paths)} (columns: {shown})", param_hint="'--column-type'")
+    replay_cfg, total_rate = _replay(replay_values, workers, paths, checked, column_types, fmt, max_message_bytes, bool(once))
+    if total_rate is not None:
+        rate = total_rate
     cfg = StreamerConfig(
         workers=workers,
         worker=WorkerConfig(
@@ -271,7 +279,9 @@ def command(
             max_message_bytes=max_message_bytes,
             log_level=log_level.lower(),
             log_format=log_format,
+            replay=replay_cfg,
         ),
+        progress=not replay_values["no_progress"] and sys.stderr.isatty(),
         http_host=http_host,
         http_port=http_port,
         broker=None
@@ -297,6 +307,22 @@ def command(
     for path in once:
         log.info("CSV %s: read once (it cannot be read again); the streamer drains and exits at its end", "standard input" if path == STDIN else path)
     return _serve(cfg)
+
+
+def _replay(values: dict, workers, paths, checked, column_types, fmt, max_message_bytes, read_once):
+    """The replay options' config (streamer.replay_options) and the per-worker rate of --total-rate."""
+    from .csvsource import CsvSource
+
+    columns = list(dict.fromkeys(name for c in checked for name in c.header))
+
+    def first_row() -> bytes:
+        try:
+            rows = CsvSource([c.path for c in checked], column_types, fmt=fmt, max_message_bytes=max_message_bytes).take(1)
+        except (OSError, CsvError) as exc:
+            raise click.ClickException(f"cannot stream {exc}") from None
+        return rows[0]
+
+    return replay_config(values, workers=workers, columns=columns, first_row=first_row, read_once=read_once)
 
 
 def _serve(cfg: StreamerConfig) -> int:

@@ -108,6 +108,9 @@ class Profile:
             done += step.total
         return len(self.steps), 0.0, done
 
+    def total_count(self) -> float:
+        return sum(s.total for s in self.steps)
+
     def count(self, t: float) -> float:
         i, into, before = self.locate(t)
         return before if i == len(self.steps) else before + self.steps[i].count(into)

@@ -27,18 +27,21 @@ Without any of these options the worker does not use this layer: its hot path is
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import statistics
 import zlib
 from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 
 import orjson
 
 from .config import ReplayConfig
 from .csvsource import CsvSource
 from .infer import infer
+from .profile import Profile
 from .timestamps import NS, parse_time_ns
 
 log = logging.getLogger("streamer.replay")
@@ -243,3 +246,90 @@ class Replay:
                 if changed:
                     raw = orjson.dumps(fields)
             yield raw, stamp, due
+
+
+# -- when rows go: the three gates a replaying worker can use --------------------------------------------
+#
+# Each takes rows from `items` and awaits `send(batch, stamps)` (stamps: the message times, or None
+# for processing time); each returns when `items` ends. They read the running loop's clock only,
+# so tests drive them in virtual time (tests/test_replay.py).
+
+
+async def run_rate(items: Iterator, send, limit, max_batch: int) -> None:
+    """--pace=rate: `limit` (a streamer.rate.RateLimit, or None = unthrottled) releases chunks."""
+    chunk = limit.chunk if limit is not None else max_batch
+    lingering = limit is not None and limit.lingering
+    while True:
+        if limit is not None:
+            await limit.acquire(chunk)
+        batch = list(islice(items, chunk))
+        if not batch:
+            return
+        stamps = None
+        if lingering:
+            first, step = limit.due_times(len(batch))
+            stamps = [first + i * step for i in range(len(batch))]
+        await send(batch, stamps)
+
+
+async def run_paced(items: Iterator, send, base: float, max_batch: int) -> None:
+    """--pace=timestamps: each row goes when the loop's clock reaches base + its due seconds; rows
+    due by then (a same-time group) go together, up to max_batch per send."""
+    loop = asyncio.get_running_loop()
+    pending = next(items, None)
+    while pending is not None:
+        delay = base + pending[2] - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        now = loop.time() - base
+        batch = [pending]
+        pending = None
+        for item in items:
+            if item[2] > now or len(batch) >= max_batch:
+                pending = item
+                break
+            batch.append(item)
+        await send(batch, None)
+
+
+@dataclass
+class ProfileRun:
+    """A profile's progress in one worker: when it started (loop time) and how many were sent."""
+
+    profile: Profile
+    share: float  # this worker's part of the total rate (1 / workers)
+    start: float | None = None
+    sent: int = 0
+    done: bool = False
+
+    def state(self, now: float) -> dict:
+        state = self.profile.state(now - self.start if self.start is not None else 0.0)
+        state["target_rate"] = round(state["target_rate"] * self.share, 3)  # this worker's
+        return state
+
+
+PROFILE_TICK_S = 0.01
+
+
+async def run_profile(items: Iterator, send, run: ProfileRun, max_batch: int) -> None:
+    """--profile / --total-rate: send what the profile's integral says is due by now (this worker's
+    share), checking every PROFILE_TICK_S; returns when the profile ends (or items do)."""
+    loop = asyncio.get_running_loop()
+    if run.start is None:
+        run.start = loop.time()
+    profile = run.profile
+    while True:
+        elapsed = loop.time() - run.start
+        finished = profile.finished(elapsed)
+        due = int((profile.total_count() if finished else profile.count(elapsed)) * run.share + 1e-9) - run.sent
+        while due > 0:
+            batch = list(islice(items, min(due, max_batch)))
+            if not batch:
+                return
+            await send(batch, None)
+            run.sent += len(batch)
+            due -= len(batch)
+        if finished:
+            run.done = True
+            return
+        await asyncio.sleep(PROFILE_TICK_S)

@@ -33,6 +33,8 @@ RESTART_MIN_S, RESTART_MAX_S = 1.0, 30.0
 # A signal this soon after the first is the same request: `timeout` and some process managers
 # signal the process and then its group, so one stop arrives twice within microseconds.
 SIGNAL_DEBOUNCE_S = 0.5
+ANCHOR_LEAD_NS = 500_000_000  # --pace=timestamps: the first row is due this long after the start
+PROGRESS_REFRESH_S = 0.5
 CRASH_LOOP_RESTARTS, CRASH_LOOP_WINDOW_S = 5, 60.0  # more restarts than this within the window: give up
 
 
@@ -49,17 +51,26 @@ class WorkerSlot:
     restarts: int = 0
     restart_times: list = field(default_factory=list)
     given_up: bool = False
-    finished: bool = False  # read its read-once input to the end and drained: not restarted
+    finished: bool = False  # read its read-once input to the end, or its --passes, and drained: not restarted
+    passes: int = 0  # passes completed by earlier processes of this slot
+    rows_per_pass: int = 0
     failed: bool = False
     exited: asyncio.Event = field(default_factory=asyncio.Event)
 
-    COUNTS = ("sent", "published", "unacked", "lost_by_broker")  # status counts summed over the slot's processes
+    # status counts summed over the slot's processes; `unconfirmed`: what a crashed process held
+    # unacknowledged (it may or may not have been stored), kept apart from a drain's `unacked`
+    COUNTS = ("sent", "published", "unacked", "lost_by_broker", "unconfirmed", "read")
 
     def total(self, key: str) -> int:
         return self.before[key] + self.status.get(key, 0)
 
-    def retire(self) -> None:
-        """The current process has exited: keep its counts, forget its status."""
+    def retire(self, crashed: bool = False) -> None:
+        """The current process has exited: keep its counts, forget its status (the passes it
+        completed stay, so a restarted process continues from there)."""
+        if crashed:
+            self.status["unconfirmed"] = self.status.get("unconfirmed", 0) + self.status.pop("unacked", 0)
+        self.passes = self.status.get("passes", self.passes)
+        self.rows_per_pass = self.status.get("rows_per_pass", self.rows_per_pass)
         for key in self.COUNTS:
             self.before[key] += self.status.get(key, 0)
         self.skipped_before.update(self.status.get("skipped", {}))
@@ -69,6 +80,8 @@ class WorkerSlot:
     sent = property(lambda self: self.total("sent"))
     unacked = property(lambda self: self.total("unacked"))
     lost_by_broker = property(lambda self: self.total("lost_by_broker"))
+    unconfirmed = property(lambda self: self.total("unconfirmed"))
+    read = property(lambda self: self.total("read"))
 
     @property
     def skipped(self) -> dict:
@@ -87,7 +100,17 @@ class WorkerSlot:
             "unacknowledged": self.unacked,
             "lost_by_broker": self.lost_by_broker,
             "skipped": self.skipped,
-        }
+        } | self._replay_stats()
+
+    def _replay_stats(self) -> dict:
+        extra = {}
+        if self.unconfirmed:
+            extra["unconfirmed"] = self.unconfirmed
+        if "passes" in self.status or self.passes:
+            extra["passes"] = self.status.get("passes", self.passes)
+        if "profile" in self.status:
+            extra["profile"] = self.status["profile"]
+        return extra
 
 
 class Supervisor:
@@ -102,6 +125,8 @@ class Supervisor:
         self.registry = health.new_registry(self)  # the workers' metrics
         self._health = None  # the streamer's own HTTP, when the broker is not embedded
         self._mp = worker_context()
+        self.completed = False  # every worker finished on its own (passes, profile, read-once input)
+        self._started_at = time.monotonic()
         self._worker_cfg = cfg.worker
 
     # -- signals only flip state -------------------------------------------------------------------
@@ -121,7 +146,11 @@ class Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
         await self._start()
+        progress = asyncio.create_task(self._show_progress()) if self.cfg.progress else None
         await self.should_exit.wait()
+        if progress is not None:
+            progress.cancel()
+            await asyncio.gather(progress, return_exceptions=True)
         log.info("Shutdown requested: draining %d workers (timeout %.1f s)", len(self.slots), self._worker_cfg.shutdown_timeout)
         forced = await self._drain()
         return await self._close(forced)
@@ -142,6 +171,11 @@ class Supervisor:
             except OSError as exc:
                 raise BrokerStartError(f"cannot listen for HTTP on {cfg.http_host}:{cfg.http_port}: {exc.strerror or exc}") from None
             log.info("Streamer HTTP %s (/healthz, /readyz, /metrics)", url)
+        # every worker's schedule (--pace=timestamps) and shifted timestamps start from one wall
+        # time; paced workers get a moment to start and read the file first
+        lead_ns = ANCHOR_LEAD_NS if self._worker_cfg.replay.pace == "timestamps" else 0
+        self._worker_cfg = replace(self._worker_cfg, anchor_ns=time.time_ns() + lead_ns)
+        self._started_at = time.monotonic()
         w = self._worker_cfg
         rate = f"{w.rate:g} messages/s per worker" if w.rate > 0 else "unthrottled"
         log.info("Starting %d workers, %s, topic %r, broker %s", cfg.workers, rate, w.topic, w.broker_url)
@@ -153,9 +187,8 @@ class Supervisor:
 
     def _spawn(self, slot: WorkerSlot) -> None:
         receiver, sender = self._mp.Pipe(duplex=False)
-        args = (self._worker_cfg, slot.index, sender)
-        if "-" in self._worker_cfg.csv:
-            args += (_InheritedFd(0),)  # the CSV comes from our standard input
+        args = (self._worker_cfg, slot.index, sender, _InheritedFd(0) if "-" in self._worker_cfg.csv else None, slot.passes)
+        # (stdin: the CSV comes from our standard input; passes: a restarted worker continues after them)
         process = self._mp.Process(target=worker.main, args=args, name=f"worker-{slot.index}", daemon=False)
         process.start()
         sender.close()
@@ -184,14 +217,15 @@ class Supervisor:
         slot.exited.set()
         if self.draining:
             return
-        if slot.status.get("finished") and process.exitcode == 0:  # its read-once input is done
+        if slot.status.get("finished") and process.exitcode == 0:  # its read-once input, or its passes, are done
             slot.finished, slot.failed = True, bool(slot.status.get("failed"))
             slot.retire()
             if all(s.finished or s.given_up for s in self.slots):
-                log.info("Every input was read to its end: stopping")
+                self.completed = True
+                log.info("Every worker is done (%s): stopping", self._what_is_done())
                 self.should_exit.set()
             return
-        slot.retire()
+        slot.retire(crashed=True)
         now = time.monotonic()
         slot.restart_times = [t for t in slot.restart_times if now - t < CRASH_LOOP_WINDOW_S] + [now]
         if len(slot.restart_times) > CRASH_LOOP_RESTARTS:
@@ -241,6 +275,45 @@ class Supervisor:
             return True
         return False
 
+    def _what_is_done(self) -> str:
+        replay = self._worker_cfg.replay
+        if replay.passes:
+            return f"{replay.passes} passes"
+        if replay.profile is not None:
+            return "the profile"
+        return "every input read to its end"
+
+    async def _show_progress(self) -> None:
+        """A progress bar on the terminal (stderr): messages sent of the total when --passes
+        gives one, the rate, and the time left."""
+        from tqdm import tqdm
+
+        passes = self._worker_cfg.replay.passes
+        bar = tqdm(unit=" msg", unit_scale=True, dynamic_ncols=True, leave=False, mininterval=0.5)
+        try:
+            while True:
+                await asyncio.sleep(PROGRESS_REFRESH_S)
+                per_pass = [s.status.get("rows_per_pass", s.rows_per_pass) for s in self.slots]
+                if passes and all(per_pass) and bar.total is None:
+                    bar.total = sum(per_pass) * passes
+                bar.update(sum(s.sent for s in self.slots) - bar.n)
+        finally:
+            bar.close()
+
+    def _completion_summary(self) -> str:
+        """One line for a run that ends on its own (--passes, a --profile, read-once inputs)."""
+        duration = time.monotonic() - self._started_at
+        sent = sum(s.sent for s in self.slots)
+        skipped = Counter()
+        for s in self.slots:
+            skipped.update(s.skipped)
+        shown = ", ".join(f"{reason}={n}" for reason, n in sorted(skipped.items())) or "none"
+        return (
+            f"Completed {self._what_is_done()} in {duration:.1f} s: read={sum(s.read for s in self.slots) or sent} sent={sent}"
+            f" acknowledged={sum(s.published for s in self.slots)} unacknowledged={sum(s.unacked for s in self.slots)}"
+            f" unconfirmed={sum(s.unconfirmed for s in self.slots)} skipped: {shown}; achieved {sent / duration if duration > 0 else 0:.1f} messages/s"
+        )
+
     async def _close(self, forced: bool) -> int:
         accepted = None
         if self._health is not None:
@@ -258,8 +331,15 @@ class Supervisor:
         lost = sum(s.lost_by_broker for s in self.slots)
         if lost:  # acknowledged, then lost by the broker (its log cut back); see broker.client.Publisher
             summary += f" broker_lost={lost}"
+        unconfirmed = sum(s.unconfirmed for s in self.slots)
+        if unconfirmed:  # held by a worker that crashed: they may or may not have been stored
+            summary += f" unconfirmed={unconfirmed}"
         if forced:
             summary = "Forced exit: " + summary.removeprefix("Drained: ")
+        if self.completed:
+            log.info("%s", self._completion_summary())
+        if unacked:
+            log.error("%d messages were not acknowledged", unacked)
         log.info("%s", summary)
         return 1 if forced or unacked or any(s.given_up or s.failed for s in self.slots) else 0
 

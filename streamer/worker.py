@@ -31,6 +31,7 @@ from .destinations import open_destination
 from .message import Envelope
 from .pipefeed import PipeFeed
 from .rate import RateLimit
+from .replay import ProfileRun, Replay, run_paced, run_profile, run_rate
 
 log = logging.getLogger("streamer.worker")
 
@@ -69,7 +70,7 @@ def schedule_as_batch_work() -> bool:
     return True
 
 
-def main(cfg: WorkerConfig, index: int, status: Connection, stdin_fd: int | None = None) -> None:
+def main(cfg: WorkerConfig, index: int, status: Connection, stdin_fd: int | None = None, start_pass: int = 0) -> None:
     """Entry point of a worker process (started by the supervisor); stdin_fd is the parent's
     standard input when the CSV is read from it (multiprocessing gives a child /dev/null)."""
     parent_pid = die_with_parent()
@@ -79,14 +80,14 @@ def main(cfg: WorkerConfig, index: int, status: Connection, stdin_fd: int | None
     try:
         import uvloop
 
-        uvloop.run(Worker(cfg, index, status, parent_pid, stdin_fd).run())
+        uvloop.run(Worker(cfg, index, status, parent_pid, stdin_fd, start_pass).run())
     except Exception:
         log.exception("Worker %d: crashed", index)
         sys.exit(1)
 
 
 class Worker:
-    def __init__(self, cfg: WorkerConfig, index: int, status: Connection, parent_pid: int, stdin_fd: int | None = None):
+    def __init__(self, cfg: WorkerConfig, index: int, status: Connection, parent_pid: int, stdin_fd: int | None = None, start_pass: int = 0):
         self.cfg = cfg
         self.index = index
         self.label = f"Worker {index}"
@@ -96,6 +97,9 @@ class Worker:
         self.source = CsvSource(cfg.csv, cfg.column_types, fmt=cfg.csv_format, max_message_bytes=cfg.max_message_bytes, label=self.label, stdin_fd=stdin_fd)
         self.finished = False  # a read-once input is done: drain and exit without a restart
         self.failed = False
+        # with replay options, rows go through streamer.replay; without, the plain loop (_produce)
+        self.replay = Replay(self.source, cfg.replay, index, self.label, start_pass) if cfg.replay.active else None
+        self.profile_run = ProfileRun(cfg.replay.profile, 1 / cfg.replay.workers) if cfg.replay.profile else None
         self.destination = open_destination(cfg)
         self.name = f"worker-{index}@{socket.gethostname()}/{os.getpid()}"
         self._stop = asyncio.Event()
@@ -106,7 +110,7 @@ class Worker:
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         await self.destination.start()
         log.info("%s started (pid %d, producer %s)", self.label, os.getpid(), self.destination.producer_id.hex())
-        producing = asyncio.create_task(self._produce())
+        producing = asyncio.create_task(self._produce() if self.replay is None else self._produce_replay())
         reporting = asyncio.create_task(self._report_periodically())
         stopping = asyncio.create_task(self._stop.wait())
         await asyncio.wait({producing, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -203,14 +207,63 @@ class Worker:
                 log.info("%s: Processed %d records (%.1f/s)", self.label, self.sent, (self.sent - logged_sent) / (now - last_progress))
                 last_progress, logged_sent = now, self.sent
 
-    async def _publish_split(self, rows: list[bytes], envelope: Envelope) -> None:
+    async def _publish_split(self, rows: list[bytes], envelope: Envelope, stamps: list[int] | None = None) -> None:
         half = len(rows) // 2
-        for part in (rows[:half], rows[half:]):
-            body = envelope.batch(part)
+        for part, part_stamps in ((rows[:half], stamps and stamps[:half]), (rows[half:], stamps and stamps[half:])):
+            body = envelope.batch(part) if part_stamps is None else envelope.batch_times(part, part_stamps)
             if len(body) > self._batch_bytes and len(part) > 1:
-                await self._publish_split(part, envelope)
+                await self._publish_split(part, envelope, part_stamps)
             else:
                 await self.destination.publish(body, len(part))
+
+    async def _produce_replay(self) -> None:
+        """Rows through streamer.replay: chosen (shard, filters), transformed (counters), timed
+        (--pace, --profile, --rate) and stamped (--timestamps), for --passes passes or forever."""
+        cfg, replay = self.cfg, self.replay
+        r = cfg.replay
+        loop = asyncio.get_running_loop()
+        self._batch_bytes = batch_bytes(cfg.max_message_bytes)
+        envelope = Envelope()
+        own_times = r.timestamps != "now"
+        limit = RateLimit(cfg.rate, cfg.batch_messages, cfg.linger) if cfg.rate > 0 and r.pace == "rate" and self.profile_run is None else None
+        # the anchor is a wall time shared by every worker; the loop's clock keeps the schedule
+        base = loop.time() + (cfg.anchor_ns - time.time_ns()) / 1e9
+        retry = RETRY_MIN_S
+
+        async def send(batch: list, stamps: list[int] | None) -> None:
+            rows = [item[0] for item in batch]
+            if own_times:
+                stamps = [item[1] for item in batch]
+            body = envelope.batch(rows) if stamps is None else envelope.batch_times(rows, stamps)
+            if len(body) > self._batch_bytes and len(rows) > 1:
+                await self._publish_split(rows, envelope, stamps)
+            else:
+                await self.destination.publish(body, len(rows))
+            self.sent += len(rows)
+            await asyncio.sleep(0)  # let acks and signals in
+
+        while True:
+            try:
+                if replay.recording is None:
+                    rec = await asyncio.to_thread(replay.scan)
+                    log.info("%s: %d rows per pass are this worker's (of %d in the file)", self.label, rec.mine, rec.rows)
+                items = replay.items(cfg.anchor_ns)
+                if r.pace == "timestamps":
+                    await run_paced(items, send, base, cfg.batch_messages)
+                elif self.profile_run is not None:
+                    await run_profile(items, send, self.profile_run, cfg.batch_messages)
+                else:
+                    await run_rate(items, send, limit, cfg.batch_messages)
+            except (OSError, CsvError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                log.warning("%s: cannot read %s (%s); retrying the pass in %.1f s", self.label, self.source.path, reason, retry)
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, RETRY_MAX_S)
+                continue
+            break
+        what = f"{replay.passes_done} passes" if r.passes else "the profile"
+        log.info("%s: done after %s (%d records); draining", self.label, what, self.sent)
+        self.finished = True
 
     async def _report_periodically(self) -> None:
         reported, reported_at = None, 0.0
@@ -241,6 +294,13 @@ class Worker:
             "finished": self.finished and final,
             "failed": self.failed,
         }
+        if self.replay is not None:
+            status["read"] = self.replay.read
+            status["passes"] = self.replay.passes_done
+            if self.replay.recording is not None:
+                status["rows_per_pass"] = self.replay.recording.mine
+            if self.profile_run is not None:
+                status["profile"] = self.profile_run.state(asyncio.get_running_loop().time())
         try:
             self.status.send(status)
         except OSError:  # parent gone
