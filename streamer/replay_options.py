@@ -72,7 +72,13 @@ def _profile(ctx, param, value: str | None):
 def replay_options(option, env):
     """Decorate the command with the replay options (`option`: click.option with show_envvar)."""
     decorators = [
-        option("--passes", type=click.IntRange(min=1), default=None, envvar=env("PASSES"), help="Passes over the input, then drain, print a summary and exit (default: forever)."),
+        option(
+            "--passes",
+            type=click.IntRange(min=1),
+            default=None,
+            envvar=env("PASSES"),
+            help="Passes over the input, then drain, print a summary and exit (default: forever).",
+        ),
         option("--once", is_flag=True, envvar=env("ONCE"), help="One pass (= --passes 1)."),
         option("--no-progress", is_flag=True, envvar=env("NO_PROGRESS"), help="No progress bar (there is none either when stderr is not a terminal)."),
         option(
@@ -128,7 +134,14 @@ def replay_options(option, env):
             metavar="NAME",
             help="A counter: raised each pass by its increase over one pass (per key), so it never resets (repeatable).",
         ),
-        option("--total-rate", type=float, default=None, callback=_positive, envvar=env("TOTAL_RATE"), help="Messages per second of all workers together (instead of --rate)."),
+        option(
+            "--total-rate",
+            type=float,
+            default=None,
+            callback=_positive,
+            envvar=env("TOTAL_RATE"),
+            help="Messages per second of all workers together (instead of --rate).",
+        ),
         option(
             "--profile",
             default=None,
@@ -203,6 +216,8 @@ def replay_config(values: dict, *, workers: int, columns: list[str], first_row, 
         workers=workers,
     )
     if read_once and cfg.active:
-        raise click.UsageError("the replay options (--passes, --once, --filter, --shard, --pace, --timestamps, ...) need inputs that can be read again, not standard input or a FIFO")
+        raise click.UsageError(
+            "the replay options (--passes, --once, --filter, --shard, --pace, --timestamps, ...) need inputs that can be read again, not standard input or a FIFO"
+        )
     rate = values["total_rate"] / workers if values["total_rate"] is not None else None
     return cfg, rate
