@@ -32,6 +32,7 @@ import logging
 import statistics
 import zlib
 from bisect import bisect_right
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -39,7 +40,7 @@ from itertools import islice
 import orjson
 
 from .config import ReplayConfig
-from .csvsource import CsvSource
+from .csvsource import SKIP_REASONS, CsvSource
 from .infer import infer
 from .profile import Profile
 from .timestamps import NS, parse_time_ns
@@ -198,8 +199,17 @@ class Replay:
         when the file cannot be read; calling again restarts the current pass."""
         rec = self.recording if self.recording is not None else self.scan()
         cfg = self.cfg
+        # sharded, every worker reads every row: rows the CSV reader skips are counted by worker 0
+        # only, so the summary's totals count each once (filtered and bad_timestamp are counted
+        # by the row's own worker)
+        recount = self._workers > 1 and self.index != 0
         while not cfg.passes or self.passes_done < cfg.passes:
+            before = self.source.skipped.copy() if recount else None
             yield from self._pass(self.passes_done, rec, anchor_ns)
+            if recount:
+                for reason in SKIP_REASONS:
+                    self.source.skipped[reason] = before[reason]
+                self.source.skipped += Counter()  # drop zero counts
             self.passes_done += 1
 
     def _pass(self, p: int, rec: Recording, anchor_ns: int) -> Iterator[tuple[bytes, int, float]]:

@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -289,7 +290,12 @@ class Supervisor:
         from tqdm import tqdm
 
         passes = self._worker_cfg.replay.passes
-        bar = tqdm(unit=" msg", unit_scale=True, dynamic_ncols=True, leave=False, mininterval=0.5)
+        # a terminal that reports no size (0 x 0) would hide the bar: it gets 80 x 24
+        try:
+            sized = os.get_terminal_size(sys.stderr.fileno()).lines > 0
+        except OSError:
+            sized = False
+        bar = tqdm(unit=" msg", unit_scale=True, dynamic_ncols=sized, ncols=None if sized else 80, nrows=None if sized else 24, leave=False, mininterval=0.5)
         try:
             while True:
                 await asyncio.sleep(PROGRESS_REFRESH_S)

@@ -3,12 +3,18 @@
 
 import asyncio
 import os
+import pty
+import re
+import select
 import signal
+import subprocess
+import sys
+import time
 from collections import defaultdict
 
 import orjson
 import pytest
-from helpers import Proc, dump, get_json, start_broker, start_streamer, start_streamer_to, summary, wait_until, workers_of
+from helpers import ROOT, Proc, dump, get_json, start_broker, start_streamer, start_streamer_to, summary, wait_until, workers_of
 from test_rate import VirtualClockLoop
 
 from streamer.config import ReplayConfig
@@ -349,3 +355,52 @@ def test_bad_replay_options_exit_two_with_one_line(tmp_path, args, words):
     proc = Proc("streamer", f"--csv={path}", "--broker-port=0", "--http-port=0", *args)
     assert proc.wait(30) == 2
     assert words in proc.output and "Traceback" not in proc.output
+
+
+def run_on_terminal(*args: str, timeout: float = 60.0) -> tuple[int, str]:
+    """The streamer with a pseudo-terminal as its stdout and stderr: (exit code, what it showed)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "streamer", *args], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+        return proc.wait(timeout=max(1.0, deadline - time.monotonic())), out.decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+
+
+def test_progress_bar_on_a_terminal_and_not_with_no_progress(tmp_path):
+    path = keyed_csv(tmp_path, rows=300)
+    code, shown = run_on_terminal(f"--csv={path}", "--broker-port=0", "--http-port=0", "--rate=200", "--once")
+    assert code == 0, shown
+    assert re.search(r"\d+/300 ", shown) and "msg/s" in shown, shown
+    code, shown = run_on_terminal(f"--csv={path}", "--broker-port=0", "--http-port=0", "--rate=200", "--once", "--no-progress")
+    assert code == 0, shown
+    assert "/300 " not in shown and "msg/s" not in shown and "Completed 1 passes" in shown
+
+
+def test_sharded_skips_are_counted_once(procs, tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("row,host\n" + "".join(f"{i},node-{i % 4}\n" if i % 10 else f"{i},node,extra\n" for i in range(100)))
+    proc = Proc("streamer", f"--csv={path}", "--broker-port=0", "--http-port=0", "--rate=0", "--workers=3", "--shard", "--once")
+    procs.append(proc)
+    assert proc.wait(60) == 0, proc.output
+    line = [ln for ln in proc.lines if "Completed" in ln][-1]
+    assert "sent=90 acknowledged=90" in line and "field_count=10" in line, line
+    assert "msg/s" not in proc.output  # no progress bar when stderr is not a terminal
