@@ -152,7 +152,8 @@ class Supervisor:
         if progress is not None:
             progress.cancel()
             await asyncio.gather(progress, return_exceptions=True)
-        log.info("Shutdown requested: draining %d workers (timeout %.1f s)", len(self.slots), self._worker_cfg.shutdown_timeout)
+        if not self.completed:
+            log.info("Shutdown requested: draining %d workers (timeout %.1f s)", len(self.slots), self._worker_cfg.shutdown_timeout)
         forced = await self._drain()
         return await self._close(forced)
 

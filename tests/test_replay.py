@@ -404,3 +404,22 @@ def test_sharded_skips_are_counted_once(procs, tmp_path):
     line = [ln for ln in proc.lines if "Completed" in ln][-1]
     assert "sent=90 acknowledged=90" in line and "field_count=10" in line, line
     assert "msg/s" not in proc.output  # no progress bar when stderr is not a terminal
+
+
+def test_profile_drives_the_total_rate_shows_its_step_and_ends(procs, tmp_path):
+    path = keyed_csv(tmp_path, rows=50)
+    proc, http = start_streamer(path, "--workers=2", "--profile=hold 100 3s; ramp 100 0 2s")
+    procs.append(proc)
+    state = wait_until(lambda: (w := get_json(f"{http}/stats/telemetry")[1]["workers"]["0"]).get("profile", {}).get("step") and w["profile"], message="profile in /stats")
+    assert state["step"] == 1 and state["of"] == 2 and state["text"] == "hold 100 3s" and state["target_rate"] == 50.0
+    assert proc.wait(60) == 0, proc.output
+    line = [ln for ln in proc.lines if "Completed the profile" in ln][-1]
+    sent = int(re.search(r"sent=(\d+)", line).group(1))
+    assert abs(sent - 400) <= 4, line  # the integral: 100/s for 3 s, then 100 -> 0 over 2 s
+
+
+def test_total_rate_is_split_over_the_workers(procs, tmp_path):
+    path = keyed_csv(tmp_path, rows=50)
+    proc, _ = start_streamer(path, "--workers=4", "--total-rate=200")
+    procs.append(proc)
+    proc.wait_for_line(r"Starting 4 workers, 50 messages/s per worker")
