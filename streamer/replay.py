@@ -289,8 +289,9 @@ async def run_paced(items: Iterator, send, base: float, max_batch: int) -> None:
     pending = next(items, None)
     while pending is not None:
         delay = base + pending[2] - loop.time()
-        if delay > 0:
+        while delay > 0:  # uvloop's timers round to the millisecond and may fire a little early
             await asyncio.sleep(delay)
+            delay = base + pending[2] - loop.time()
         now = loop.time() - base
         batch = [pending]
         pending = None

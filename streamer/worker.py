@@ -74,7 +74,8 @@ def main(cfg: WorkerConfig, index: int, status: Connection, stdin_fd: int | None
     """Entry point of a worker process (started by the supervisor); stdin_fd is the parent's
     standard input when the CSV is read from it (multiprocessing gives a child /dev/null)."""
     parent_pid = die_with_parent()
-    schedule_as_batch_work()
+    if cfg.replay.pace != "timestamps":  # a paced worker wants its timers on time, not batch scheduling
+        schedule_as_batch_work()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole group; the parent decides
     setup_logging(cfg.log_level, cfg.log_format, component="worker", worker=index)
     try:
@@ -226,8 +227,7 @@ class Worker:
         envelope = Envelope()
         own_times = r.timestamps != "now"
         limit = RateLimit(cfg.rate, cfg.batch_messages, cfg.linger) if cfg.rate > 0 and r.pace == "rate" and self.profile_run is None else None
-        # the anchor is a wall time shared by every worker; the loop's clock keeps the schedule
-        base = loop.time() + (cfg.anchor_ns - time.time_ns()) / 1e9
+        base = None
         retry = RETRY_MIN_S
 
         async def send(batch: list, stamps: list[int] | None) -> None:
@@ -247,6 +247,14 @@ class Worker:
                 if replay.recording is None:
                     rec = await asyncio.to_thread(replay.scan)
                     log.info("%s: %d rows per pass are this worker's (of %d in the file)", self.label, rec.mine, rec.rows)
+                if base is None:
+                    # the schedule starts at the anchor, a wall time shared by every worker; the
+                    # loop's clock keeps it (no drift). A first start whose scan took longer
+                    # starts its schedule now instead of rushing to catch up.
+                    base = loop.time() + (cfg.anchor_ns - time.time_ns()) / 1e9
+                    if base < loop.time() and replay.passes_done == 0 and r.pace == "timestamps":
+                        log.info("%s: ready %.2f s after the common start: its schedule starts now", self.label, loop.time() - base)
+                        base = loop.time()
                 items = replay.items(cfg.anchor_ns)
                 if r.pace == "timestamps":
                     await run_paced(items, send, base, cfg.batch_messages)

@@ -410,7 +410,9 @@ def test_profile_drives_the_total_rate_shows_its_step_and_ends(procs, tmp_path):
     path = keyed_csv(tmp_path, rows=50)
     proc, http = start_streamer(path, "--workers=2", "--profile=hold 100 3s; ramp 100 0 2s")
     procs.append(proc)
-    state = wait_until(lambda: (w := get_json(f"{http}/stats/telemetry")[1]["workers"]["0"]).get("profile", {}).get("step") and w["profile"], message="profile in /stats")
+    state = wait_until(
+        lambda: (w := get_json(f"{http}/stats/telemetry")[1]["workers"]["0"]).get("profile", {}).get("step") and w["profile"], message="profile in /stats"
+    )
     assert state["step"] == 1 and state["of"] == 2 and state["text"] == "hold 100 3s" and state["target_rate"] == 50.0
     assert proc.wait(60) == 0, proc.output
     line = [ln for ln in proc.lines if "Completed the profile" in ln][-1]
