@@ -1,7 +1,7 @@
 """Replay accuracy through the real CLI (docs/replay.md reports it): pacing and load profiles.
 
     python tests/bench/replay.py pacing --rows-per-second=50000 --seconds=20 --group=8
-    python tests/bench/replay.py profile --profile="ramp 1000 20000 10s; hold 20000 10s; burst 40000 1s every 5s for 10s; ramp 20000 0 10s"
+    python tests/bench/replay.py profile --profile="ramp 500 5000 10s; hold 5000 10s; burst 10000 1s every 5s for 10s; ramp 5000 0 10s"
 
 pacing: writes a recording (`--group` rows per timestamp, `--rows-per-second` rows per second),
 replays it once with --pace=timestamps --timestamps=now and --persistence, and compares each
@@ -31,7 +31,7 @@ T0 = 1_760_707_661_000_000_000
 
 
 def run(args: list[str], data: str) -> list[dict]:
-    cmd = [sys.executable, "-m", "streamer", "--broker-port=0", "--http-port=0", "--once", "--no-progress", "--persistence", f"--persistence-dir={data}", *args]
+    cmd = [sys.executable, "-m", "streamer", "--broker-port=0", "--http-port=0", "--no-progress", "--persistence", f"--persistence-dir={data}", *args]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         raise SystemExit(f"the streamer exited {done.returncode}:\n{done.stderr[-2000:]}")
@@ -53,7 +53,7 @@ def pacing(ns) -> None:
             for i in range(int(ns.seconds * ns.rows_per_second / ns.group)):
                 t = T0 + i * interval_ns
                 f.writelines(f"{t},{g},{i % 100}\n" for g in range(ns.group))
-        messages = run([f"--csv={path}", "--pace=timestamps", f"--speed={ns.speed}", "--timestamps=now"], os.path.join(tmp, "data"))
+        messages = run([f"--csv={path}", "--once", "--pace=timestamps", f"--speed={ns.speed}", "--timestamps=now"], os.path.join(tmp, "data"))
     sent = [parse_time_ns(m["timestamp"]) for m in messages]
     due = [(parse_time_ns(m["fields"]["timestamp"]) - T0) / ns.speed for m in messages]
     # the schedule's origin: the earliest send relative to its due time (the first row may itself be late)
@@ -103,7 +103,7 @@ def main() -> None:
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--speed", type=float, default=1.0)
     q = sub.add_parser("profile")
-    q.add_argument("--profile", default="ramp 1000 20000 10s; hold 20000 10s; burst 40000 1s every 5s for 10s; ramp 20000 0 10s")
+    q.add_argument("--profile", default="ramp 500 5000 10s; hold 5000 10s; burst 10000 1s every 5s for 10s; ramp 5000 0 10s")
     q.add_argument("--workers", type=int, default=2)
     ns = parser.parse_args()
     pacing(ns) if ns.what == "pacing" else profile(ns)
