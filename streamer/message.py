@@ -45,6 +45,21 @@ class Envelope:
             append(b'%s%09dZ","fields":%s}' % (prefix, due - second * _NS, fields))
         return b"\n".join(out)
 
+    def batch_keyed(self, rows: list[bytes], keys: list[bytes], times_ns: list[int] | None = None) -> bytes:
+        """The batch body for keyed rows (replay's --key-columns): each message carries its key
+        (JSON string bytes) as `"key"`, stamped with times_ns, or as it is built when None.
+
+            {"timestamp":"2025-10-17T13:27:41.129926216Z","key":"node-1/0","fields":{...}}
+        """
+        out = []
+        append = out.append
+        for i, fields in enumerate(rows):
+            due = time_ns() if times_ns is None else times_ns[i]
+            second = due // _NS
+            prefix = self._prefix if second == self._second else self._prefix_for(second)
+            append(b'%s%09dZ","key":%s,"fields":%s}' % (prefix, due - second * _NS, keys[i], fields))
+        return b"\n".join(out)
+
     def batch_times(self, rows: list[bytes], times_ns: list[int]) -> bytes:
         """The batch body for rows stamped with their own times (replay's original or shifted
         times, see streamer.replay), one per row."""

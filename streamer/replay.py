@@ -8,9 +8,10 @@
     time       its own time from --timestamp-column (else skipped as `bad_timestamp`)
     counters   --counter-column values raised by pass x (their increase over one pass, per key)
 
-and yields `(fields bytes, message time ns, due seconds)`: the message time for
---timestamps=original|shifted, and when the row is due (seconds after the run's anchor) for
---pace=timestamps.
+and yields `(fields bytes, message time ns, due seconds, key)`: the message time for
+--timestamps=original|shifted, when the row is due (seconds after the run's anchor) for
+--pace=timestamps, and the message key (JSON string bytes, b"" without --key-columns), which
+the envelope carries as `"key"` (streamer.message).
 
 Before the first pass the file is read once (`scan`) for what the passes need to know in advance:
 the first time, the span, one typical interval (the median gap between distinct times), the gaps
@@ -48,6 +49,7 @@ from .timestamps import NS, parse_time_ns
 log = logging.getLogger("streamer.replay")
 
 KEY_SEPARATOR = "/"
+KEY_FIELD_BYTES = len(b',"key":')
 
 
 def _matcher(values: tuple[str, ...]) -> frozenset:
@@ -193,8 +195,8 @@ class Replay:
 
     # -- the passes ------------------------------------------------------------------------------------
 
-    def items(self, anchor_ns: int = 0) -> Iterator[tuple[bytes, int, float]]:
-        """(fields, message time ns, due s after the anchor) of this worker's rows, pass after pass
+    def items(self, anchor_ns: int = 0) -> Iterator[tuple[bytes, int, float, bytes]]:
+        """(fields, message time ns, due s after the anchor, key) of this worker's rows, pass after pass
         from `passes_done`, until --passes are done (forever with 0). Raises OSError or CsvError
         when the file cannot be read; calling again restarts the current pass."""
         rec = self.recording if self.recording is not None else self.scan()
@@ -212,7 +214,7 @@ class Replay:
                 self.source.skipped += Counter()  # drop zero counts
             self.passes_done += 1
 
-    def _pass(self, p: int, rec: Recording, anchor_ns: int) -> Iterator[tuple[bytes, int, float]]:
+    def _pass(self, p: int, rec: Recording, anchor_ns: int) -> Iterator[tuple[bytes, int, float, bytes]]:
         cfg, source = self.cfg, self.source
         skipped = source.skipped
         workers, index = self._workers, self.index
@@ -223,18 +225,25 @@ class Replay:
         pace_base_ns = p * rec.pace_period_ns(self._max_gap_ns)
         speed = cfg.speed
         raise_by = {k: v * p for k, v in rec.increases.items()} if p else {}
+        room = source.max_fields_bytes  # the envelope's key must fit the message cap too
+        key_json = b""
         for i, raw in enumerate(source.open_pass()):
             if shard_rows and i % workers != index:
                 continue
             if not decode:
                 self.read += 1
-                yield raw, 0, 0.0
+                yield raw, 0, 0.0, b""
                 continue
             fields = orjson.loads(raw)
             key = key_of(fields, keyed) if keyed else ""
             if self._shard_keys and worker_of_key(key, workers) != index:
                 continue
             self.read += 1
+            if keyed:
+                key_json = orjson.dumps(key)
+                if room is not None and len(raw) + len(key_json) + KEY_FIELD_BYTES > room:
+                    skipped["message_too_large"] += 1
+                    continue
             if self._filters and not self._matches(fields):
                 skipped["filtered"] += 1
                 continue
@@ -255,7 +264,7 @@ class Replay:
                         changed = True
                 if changed:
                     raw = orjson.dumps(fields)
-            yield raw, stamp, due
+            yield raw, stamp, due, key_json
 
 
 # -- when rows go: the three gates a replaying worker can use --------------------------------------------

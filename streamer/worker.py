@@ -208,14 +208,23 @@ class Worker:
                 log.info("%s: Processed %d records (%.1f/s)", self.label, self.sent, (self.sent - logged_sent) / (now - last_progress))
                 last_progress, logged_sent = now, self.sent
 
-    async def _publish_split(self, rows: list[bytes], envelope: Envelope, stamps: list[int] | None = None) -> None:
+    async def _publish_split(self, rows: list[bytes], envelope: Envelope, stamps: list[int] | None = None, keys: list[bytes] | None = None) -> None:
         half = len(rows) // 2
-        for part, part_stamps in ((rows[:half], stamps and stamps[:half]), (rows[half:], stamps and stamps[half:])):
-            body = envelope.batch(part) if part_stamps is None else envelope.batch_times(part, part_stamps)
+        for part, part_stamps, part_keys in (
+            (rows[:half], stamps and stamps[:half], keys and keys[:half]),
+            (rows[half:], stamps and stamps[half:], keys and keys[half:]),
+        ):
+            body = self._body(envelope, part, part_stamps, part_keys)
             if len(body) > self._batch_bytes and len(part) > 1:
-                await self._publish_split(part, envelope, part_stamps)
+                await self._publish_split(part, envelope, part_stamps, part_keys)
             else:
                 await self.destination.publish(body, len(part))
+
+    @staticmethod
+    def _body(envelope: Envelope, rows: list[bytes], stamps: list[int] | None, keys: list[bytes] | None) -> bytes:
+        if keys is not None:
+            return envelope.batch_keyed(rows, keys, stamps)
+        return envelope.batch(rows) if stamps is None else envelope.batch_times(rows, stamps)
 
     async def _produce_replay(self) -> None:
         """Rows through streamer.replay: chosen (shard, filters), transformed (counters), timed
@@ -226,6 +235,7 @@ class Worker:
         self._batch_bytes = batch_bytes(cfg.max_message_bytes)
         envelope = Envelope()
         own_times = r.timestamps != "now"
+        keyed = bool(r.key_columns)
         limit = RateLimit(cfg.rate, cfg.batch_messages, cfg.linger) if cfg.rate > 0 and r.pace == "rate" and self.profile_run is None else None
         base = None
         retry = RETRY_MIN_S
@@ -234,9 +244,10 @@ class Worker:
             rows = [item[0] for item in batch]
             if own_times:
                 stamps = [item[1] for item in batch]
-            body = envelope.batch(rows) if stamps is None else envelope.batch_times(rows, stamps)
+            keys = [item[3] for item in batch] if keyed else None
+            body = self._body(envelope, rows, stamps, keys)
             if len(body) > self._batch_bytes and len(rows) > 1:
-                await self._publish_split(rows, envelope, stamps)
+                await self._publish_split(rows, envelope, stamps, keys)
             else:
                 await self.destination.publish(body, len(rows))
             self.sent += len(rows)

@@ -136,13 +136,13 @@ def test_shifted_times_never_go_back_and_counters_keep_rising_over_three_passes(
     replay = replay_of(path, passes=3, timestamps="shifted", timestamp_column="timestamp", counter_columns=("energy",), key_columns=("gpu",))
     items = list(replay.items(anchor))
     assert len(items) == 3 * 20 and replay.passes_done == 3
-    stamps = [stamp for _, stamp, _ in items]
+    stamps = [item[1] for item in items]
     assert stamps[0] == anchor
     assert all(a <= b for a, b in zip(stamps, stamps[1:]))
     # the second pass starts one typical interval (1 s) after the first pass's last row (6 s in)
     assert stamps[20] == anchor + 7 * 10**9 and stamps[40] == anchor + 14 * 10**9
     per_gpu = defaultdict(list)
-    for raw, _, _ in items:
+    for raw, *_ in items:
         fields = orjson.loads(raw)
         per_gpu[fields["gpu"]].append(fields["energy"])
     for gpu, values in per_gpu.items():
@@ -154,7 +154,7 @@ def test_shifted_times_never_go_back_and_counters_keep_rising_over_three_passes(
 def test_original_times_are_the_rows_own(tmp_path):
     path = recording(tmp_path, [250], per_time=1, form=lambda ns: str(ns))
     replay = replay_of(path, passes=2, timestamps="original", timestamp_column="timestamp")
-    assert [stamp for _, stamp, _ in replay.items(123)] == [T0, T0 + 250_000_000] * 2
+    assert [item[1] for item in replay.items(123)] == [T0, T0 + 250_000_000] * 2
 
 
 # -- shard, keys, filters (unit) -----------------------------------------------------------------------
@@ -165,7 +165,7 @@ def test_shard_by_key_splits_every_row_to_exactly_one_worker(tmp_path):
     got = []
     for index in range(3):
         replay = replay_of(path, index=index, passes=1, key_columns=("host", "gpu"), shard=True, workers=3)
-        got.append([orjson.loads(raw) for raw, _, _ in replay.items()])
+        got.append([orjson.loads(raw) for raw, *_ in replay.items()])
         assert replay.recording.mine == len(got[-1])
     keys = [{(f["host"], f["gpu"]) for f in rows} for rows in got]
     assert sum(len(rows) for rows in got) == 31 * 8
@@ -175,7 +175,7 @@ def test_shard_by_key_splits_every_row_to_exactly_one_worker(tmp_path):
 def test_filters_must_all_match_and_count_what_they_skip(tmp_path):
     path = recording(tmp_path, [10] * 9, per_time=4)
     replay = replay_of(path, passes=1, filters=(("gpu", ("1", "2")), ("host", ("h0",))))
-    rows = [orjson.loads(raw) for raw, _, _ in replay.items()]
+    rows = [orjson.loads(raw) for raw, *_ in replay.items()]
     assert {r["gpu"] for r in rows} == {2} and len(rows) == 10
     assert replay.source.skipped["filtered"] == 30
 
@@ -193,7 +193,7 @@ def profile_counts(text, seconds=None, workers=1):
 
     async def main():
         start = asyncio.get_running_loop().time()
-        await run_profile(iter(lambda: (b"{}", 0, 0.0), None), send, ProfileRun(profile, 1 / workers), 4000)
+        await run_profile(iter(lambda: (b"{}", 0, 0.0, b""), None), send, ProfileRun(profile, 1 / workers), 4000)
         return start
 
     start = run_virtual(main())
@@ -425,3 +425,16 @@ def test_total_rate_is_split_over_the_workers(procs, tmp_path):
     proc, _ = start_streamer(path, "--workers=4", "--total-rate=200")
     procs.append(proc)
     proc.wait_for_line(r"Starting 4 workers, 50 messages/s per worker")
+
+
+def test_keys_travel_in_the_envelope_to_dump_and_the_stream(procs, tmp_path):
+    path = keyed_csv(tmp_path, rows=40)
+    data = tmp_path / "data"
+    proc, _ = start_streamer(path, "--rate=0", "--once", "--key-columns=host,gpu", "--persistence", f"--persistence-dir={data}")
+    procs.append(proc)
+    assert proc.wait(60) == 0, proc.output
+    messages = dump(data)
+    assert len(messages) == 40
+    for m in messages:
+        assert list(m) == ["timestamp", "key", "fields"]
+        assert m["key"] == f"{m['fields']['host']}/{m['fields']['gpu']}"
