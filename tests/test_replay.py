@@ -438,3 +438,20 @@ def test_keys_travel_in_the_envelope_to_dump_and_the_stream(procs, tmp_path):
     for m in messages:
         assert list(m) == ["timestamp", "key", "fields"]
         assert m["key"] == f"{m['fields']['host']}/{m['fields']['gpu']}"
+
+
+def test_the_readme_dcgm_example_runs_as_written(procs, tmp_path):
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    command = re.search(r"\n    (telemetry-streamer --csv=data/dcgm_sample\.csv .*?--once)\n", text, re.S).group(1)
+    args = command.replace("\\\n", " ").split()[1:]
+    data = tmp_path / "data"
+    proc = Proc("streamer", *args, "--broker-port=0", "--http-port=0", "--persistence", f"--persistence-dir={data}")
+    procs.append(proc)
+    assert proc.wait(120) == 0, proc.output
+    assert "Completed 1 passes" in proc.output and "sent=240 acknowledged=240 unacknowledged=0" in proc.output
+    messages = dump(data)
+    assert sorted((m["key"], m["fields"]["timestamp"]) for m in messages) == sorted(
+        (f"{m['fields']['hostname']}/{m['fields']['gpu']}", m["fields"]["timestamp"]) for m in messages
+    )
+    assert len({m["key"] for m in messages}) == 8
