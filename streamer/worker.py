@@ -72,6 +72,7 @@ def schedule_as_batch_work() -> bool:
 def main(cfg: WorkerConfig, index: int, status: Connection, stdin_fd: int | None = None) -> None:
     """Entry point of a worker process (started by the supervisor); stdin_fd is the parent's
     standard input when the CSV is read from it (multiprocessing gives a child /dev/null)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the fork server ignores it (see streamer.forkserver); Worker.run handles it
     parent_pid = die_with_parent()
     schedule_as_batch_work()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole group; the parent decides
