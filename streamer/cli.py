@@ -192,7 +192,7 @@ def _column_types(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
 @option(
     "--linger",
     type=click.FloatRange(min=0, max=10),
-    default=0.5,
+    default=1.0,
     envvar=env("LINGER"),
     help="Below 100 messages/s per worker: seconds a due message may wait to be sent with the others due (each keeps its due time as timestamp); 0 = send each at once.",
 )

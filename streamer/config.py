@@ -22,7 +22,7 @@ class WorkerConfig:
     shutdown_timeout: float = 10.0
     buffer_messages: int = 100_000  # unacknowledged messages held before reading pauses
     batch_messages: int = 4000  # largest batch sent in one frame
-    linger: float = 0.5  # below 100 messages/s: how long a due message may wait to go with others
+    linger: float = 1.0  # below 100 messages/s: how long a due message may wait to go with others
     max_message_bytes: int = 1 << 20  # rows whose message is larger are skipped and counted
     log_level: str = "info"
     log_format: str = "text"
