@@ -94,6 +94,7 @@ class Worker:
         self.sent = 0
         self.source = CsvSource(cfg.csv, cfg.column_types, max_message_bytes=cfg.max_message_bytes, label=self.label)
         self.destination = open_destination(cfg)
+        self.destination.label = self.label  # its log lines name the worker
         self.name = f"worker-{index}@{socket.gethostname()}/{os.getpid()}"
         self._stop = asyncio.Event()
 
