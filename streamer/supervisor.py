@@ -165,6 +165,14 @@ class Supervisor:
         self.stream_monitor = StreamMonitor(self._worker_cfg)
         await self.stream_monitor.start()
         await self.stream_monitor.refresh()
+        self.registry.register(health.StreamCollector(self.stream_monitor))
+        self._stream_refresh = asyncio.create_task(self._refresh_stream_state())
+
+    async def _refresh_stream_state(self) -> None:
+        """The stream's state for /metrics, read once a second (a scrape never waits on NATS)."""
+        while True:
+            await asyncio.sleep(1.0)
+            await self.stream_monitor.refresh()
 
     def worker_stats(self) -> dict:
         return {str(slot.index): slot.stats() for slot in self.slots}
@@ -254,6 +262,8 @@ class Supervisor:
         if self._health is not None:
             await self._health.cleanup()
         if self.stream_monitor is not None:
+            self._stream_refresh.cancel()
+            await asyncio.gather(self._stream_refresh, return_exceptions=True)
             await self.stream_monitor.close()
         if self.broker is not None:
             stats = self.broker.topic_stats(self._worker_cfg.topic)
