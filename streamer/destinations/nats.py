@@ -69,7 +69,7 @@ async def connect(connection: NatsConnection, name: str, *, reconnect: bool, **c
     if reconnect:
         options.update(allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5, ping_interval=5, max_outstanding_pings=2)
     else:
-        options.update(allow_reconnect=False, max_reconnect_attempts=0)
+        options.update(allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.1)  # 0 would mean: forever
     options.setdefault("error_cb", _quiet)
     options.setdefault("connect_timeout", 2)
     return await nats.connect(**options)
@@ -105,7 +105,7 @@ async def prepare(cfg) -> int:
     while nc is None:
         errors.clear()
         try:
-            nc = await connect(n.connection, "telemetry-streamer", reconnect=False, error_cb=on_error)
+            nc = await asyncio.wait_for(connect(n.connection, "telemetry-streamer", reconnect=False, error_cb=on_error), 10)
         except Exception as exc:
             reason = _why(errors[-1] if errors else exc)
             if "authorization" in reason.lower() or "authentication" in reason.lower() or "user" in reason.lower() and "permission" in reason.lower():
