@@ -68,7 +68,7 @@ def cluster(tmp_path, size: int = 3) -> list[NatsServer]:
     """`size` servers routed to each other on loopback (not started)."""
     ports = [free_port() for _ in range(size)]
     routes = [f"nats://127.0.0.1:{p}" for p in ports]
-    return [NatsServer(tmp_path / f"n{i}", f"n{i}", cluster_port=ports[i], routes=[r for j, r in enumerate(routes) if j != i]) for i in range(size)]
+    return [NatsServer(os.path.join(str(tmp_path), f"n{i}"), f"n{i}", cluster_port=ports[i], routes=[r for j, r in enumerate(routes) if j != i]) for i in range(size)]
 
 
 async def _read_ids(url: str, stream: str, subject: str, timeout: float) -> list[str]:
