@@ -32,7 +32,9 @@ def free_port() -> int:
 class NatsServer:
     """One nats-server; `start()` again after `kill()` restarts it on the same port and store."""
 
-    def __init__(self, store, name: str = "n1", *, jetstream: bool = True, user: str | None = None, password: str | None = None, cluster_port: int = 0, routes=()):
+    def __init__(
+        self, store, name: str = "n1", *, jetstream: bool = True, user: str | None = None, password: str | None = None, cluster_port: int = 0, routes=()
+    ):
         self.store = str(store)
         self.name = name
         self.port = free_port()
@@ -68,7 +70,10 @@ def cluster(tmp_path, size: int = 3) -> list[NatsServer]:
     """`size` servers routed to each other on loopback (not started)."""
     ports = [free_port() for _ in range(size)]
     routes = [f"nats://127.0.0.1:{p}" for p in ports]
-    return [NatsServer(os.path.join(str(tmp_path), f"n{i}"), f"n{i}", cluster_port=ports[i], routes=[r for j, r in enumerate(routes) if j != i]) for i in range(size)]
+    return [
+        NatsServer(os.path.join(str(tmp_path), f"n{i}"), f"n{i}", cluster_port=ports[i], routes=[r for j, r in enumerate(routes) if j != i])
+        for i in range(size)
+    ]
 
 
 async def _read_ids(url: str, stream: str, subject: str, timeout: float) -> list[str]:

@@ -52,7 +52,7 @@ from . import DestinationError
 
 log = logging.getLogger("streamer.nats")
 
-INITIAL_LIMIT = 8192  # messages in flight at first (then adapted, up to --buffer-messages)
+INITIAL_LIMIT = 32768  # messages in flight at first (then adapted, up to --buffer-messages)
 MIN_LIMIT = 1024
 ERROR_LOG_INTERVAL_S = 30.0
 ACK_TIMEOUT_S = 2.0  # resend what is unacknowledged when no PubAck arrived for this long
