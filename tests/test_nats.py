@@ -149,6 +149,11 @@ def test_wrong_password_is_one_line(procs, tmp_path, sample_csv):
     try:
         line = expect_one_line_error(procs, f"nats://streamer:wrong@127.0.0.1:{server.port}", sample_csv)
         assert "refused the credentials" in line and "wrong" not in line
+        # the right password in the URL works, and is not logged
+        proc, http = start_streamer(procs, f"nats://streamer:right@127.0.0.1:{server.port}", sample_csv, "--rate=500", "--nats-create-stream")
+        wait_until(lambda: topic_stats(http)["published"] >= 100, timeout=60)
+        drain(proc, signal.SIGTERM)
+        assert "right@" not in proc.output and "nats://***@127.0.0.1" in proc.output
     finally:
         server.kill()
 
