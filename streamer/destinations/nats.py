@@ -60,7 +60,10 @@ ERROR_LOG_INTERVAL_S = 30.0
 ACK_TIMEOUT_S = 2.0  # resend what is unacknowledged when no PubAck arrived for this long
 MAX_RESEND_INTERVAL_S = 30.0
 ERROR_RESEND_S = 0.25  # after a transient error reply, resend this soon
-TRANSIENT_CODES = {408, 429, 500, 503}  # error replies worth a resend (leader election, overload)
+# error replies worth a resend: 408 timeout, 409 "duplicate message id is in process" (the first
+# copy is still being replicated after a leader change: the resend gets its PubAck, or stores it),
+# 429 too many requests, 500, 503 no leader
+TRANSIENT_CODES = {408, 409, 429, 500, 503}
 _HEADER_START = b"NATS/1.0\r\nNats-Msg-Id: "
 
 
@@ -130,8 +133,8 @@ async def prepare(cfg) -> int:
                 if not n.create_stream:
                     raise DestinationError(f"JetStream has no stream {n.stream!r} (create it, or pass --nats-create-stream)") from None
                 info = await _create(js, cfg)
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError) as exc:
-                if time.monotonic() >= deadline:  # e.g. a cluster still electing its JetStream leader
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError, _NotYet) as exc:
+                if time.monotonic() >= deadline:  # e.g. a cluster still electing its JetStream leader, or with too few peers yet
                     raise DestinationError(f"JetStream at {where} did not answer within {n.connect_wait:g} s ({_why(exc)})") from None
                 await asyncio.sleep(0.25)
             except nats.js.errors.APIError as exc:
@@ -166,6 +169,10 @@ async def prepare(cfg) -> int:
         await _close(nc)
 
 
+class _NotYet(Exception):
+    """The cluster cannot place the stream yet (its servers are still joining): retried until --nats-connect-wait."""
+
+
 async def _create(js, cfg):
     n = cfg.nats
     config = StreamConfig(
@@ -179,11 +186,11 @@ async def _create(js, cfg):
     )
     try:
         info = await js.add_stream(config)
-    except nats.js.errors.BadRequestError as exc:
+    except nats.js.errors.APIError as exc:
         if exc.err_code == 10058:  # created by another streamer meanwhile
             return await js.stream_info(n.stream)
-        raise DestinationError(f"cannot create stream {n.stream!r}: {exc.description or exc}") from None
-    except nats.js.errors.APIError as exc:
+        if exc.err_code == 10005 or "no suitable peers" in (exc.description or ""):  # fewer servers than replicas, so far
+            raise _NotYet(f"cannot place {n.replicas} replicas: {exc.description}") from None
         raise DestinationError(f"cannot create stream {n.stream!r}: {exc.description or exc}") from None
     log.info("Created stream %s (subject %s, %d replicas, %s storage)", n.stream, cfg.topic, n.replicas, n.storage)
     return info
@@ -248,16 +255,37 @@ class StreamMonitor:
 
 
 class _AckParser(Parser):
-    """nats-py's protocol parser with a fast path for this publisher's PubAcks."""
+    """nats-py's protocol parser with a fast path for this publisher's PubAcks.
+
+    A read usually ends inside a PubAck; that tail waits in the buffer for the next read (were
+    it handed to nats-py's parser, the whole next read would take the slow path after it)."""
 
     def __init__(self, nc, on_acks):
         super().__init__(nc)
         self._on_acks = on_acks
         self._ack = None
+        self._head = b""
 
     def arm(self, inbox_prefix: bytes, sid: int) -> None:
         # MSG _INBOX.<nuid>.<seq> <sid> <size>\r\n{"stream":...}\r\n : anything else takes the slow path
+        self._head = b"MSG " + inbox_prefix
         self._ack = re.compile(rb"MSG " + re.escape(inbox_prefix) + rb"(\d+) " + str(sid).encode() + rb" (\d+)\r\n(?=\{\"stream\")").match
+
+    def _partial_reply(self) -> bool:
+        """Whether the buffer starts with an incomplete message to this publisher's inbox."""
+        buf, head = self.buf, self._head
+        if len(buf) < len(head):
+            return head.startswith(buf)
+        if not buf.startswith(head):
+            return False
+        line_end = buf.find(b"\r\n")
+        if line_end == -1:
+            return len(buf) < 1024
+        try:
+            size = int(buf[:line_end].rsplit(b" ", 1)[1])
+        except ValueError:
+            return False
+        return len(buf) < line_end + 2 + size + 2
 
     async def parse(self, data: bytes = b""):
         buf = self.buf
@@ -277,6 +305,8 @@ class _AckParser(Parser):
             if pos:
                 del buf[:pos]
                 self._on_acks(seqs)
+            if not buf or self._partial_reply():
+                return
         if buf:
             await super().parse()
 
