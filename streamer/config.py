@@ -5,8 +5,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from broker.config import BrokerConfig
+from common.natsconn import NatsConnection
 
 from .csvsource import CsvFormat
+
+
+@dataclass(frozen=True)
+class NatsConfig:
+    """Publishing to NATS JetStream (--broker-url nats://... or tls://...)."""
+
+    connection: NatsConnection
+    stream: str = "TELEMETRY"
+    create_stream: bool = False  # create the stream (or add the topic to its subjects) if needed
+    replicas: int = 1
+    storage: str = "file"  # file | memory
+    max_bytes: int | None = None  # None: unlimited
+    max_age: float | None = None  # seconds; None: unlimited
+    duplicate_window: float = 120.0  # seconds the server remembers a Nats-Msg-Id
+    connect_wait: float = 15.0  # how long start-up waits for a server (and JetStream) to answer
 
 
 @dataclass(frozen=True)
@@ -26,6 +42,7 @@ class WorkerConfig:
     max_message_bytes: int = 1 << 20  # rows whose message is larger are skipped and counted
     log_level: str = "info"
     log_format: str = "text"
+    nats: NatsConfig | None = None  # set when broker_url is nats:// or tls://
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,7 @@ class Worker:
         self.finished = False  # a read-once input is done: drain and exit without a restart
         self.failed = False
         self.destination = open_destination(cfg)
+        self.destination.label = self.label  # its log lines name the worker
         self.name = f"worker-{index}@{socket.gethostname()}/{os.getpid()}"
         self._stop = asyncio.Event()
 
