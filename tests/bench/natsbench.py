@@ -29,8 +29,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), HERE]
 
+from efficiency import cpu_seconds, tree  # noqa: E402
 from natsserver import NatsServer, cluster  # noqa: E402
 
 from streamer.csvsource import CsvSource  # noqa: E402
@@ -129,15 +130,8 @@ def ours(url: str, workers: int, warmup: float, window: float, replicas: int = 1
         with urllib.request.urlopen(http + "/stats/telemetry", timeout=10) as response:
             return json.load(response)["published"]
 
-    def workers_cpu_s() -> float:  # the worker processes' CPU time (children of the streamer)
-        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
-            pids = f.read().split()
-        ticks = 0
-        for pid in pids:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])
-        return ticks / os.sysconf("SC_CLK_TCK")
+    def workers_cpu_s() -> float:  # the worker processes' CPU time (the streamer's descendants: its fork server's children)
+        return cpu_seconds([pid for pid in tree(proc.pid) if pid != proc.pid])
 
     time.sleep(warmup)
     first, cpu_first, started = published(), workers_cpu_s(), time.monotonic()
