@@ -20,6 +20,7 @@ import click
 from common import commandline
 from common.logsetup import FORMATS, LEVELS, setup_logging
 from common.names import valid_topic
+from common.natsconn import connection_from_options, connection_options, is_nats_url, valid_nats_url
 from common.options import Size, Timestamp, bool_flag
 from common.timefmt import rfc3339_ns
 
@@ -125,15 +126,24 @@ def dump(persistence_dir, topic, from_offset, meta):
 
 
 @command.command()
-@option("--broker-url", default="tcp://127.0.0.1:5555", envvar=env("URL"), help="The broker's ZeroMQ address.")
+@option("--broker-url", default="tcp://127.0.0.1:5555", envvar=env("URL"), help="The broker's ZeroMQ address, or NATS servers (nats://..., tls://...).")
 @option("--topic", default="telemetry", envvar=env("TOPIC"), help="Topic to follow.")
-@bool_flag("--from-beginning", envvar=env("FROM_BEGINNING"), show_envvar=True, help="Start with the oldest message the broker holds.")
-@option("--from-offset", type=click.IntRange(min=0), envvar=env("FROM_OFFSET"), help="Start at this offset.")
+@bool_flag(
+    "--from-beginning",
+    "--from-start",
+    "from_beginning",
+    envvar=env("FROM_BEGINNING"),
+    show_envvar=True,
+    help="Start with the oldest message the broker (or stream) holds.",
+)
+@option("--from-offset", type=click.IntRange(min=0), envvar=env("FROM_OFFSET"), help="Start at this offset (with NATS: this stream sequence).")
 @option("--from-time", type=Timestamp(), envvar=env("FROM_TIME"), help="Start at the first message received at or after this time (RFC 3339).")
 @bool_flag("--meta", envvar=env("META"), show_envvar=True, help="Wrap each message as `dump --meta` does.")
 @option("--count", type=click.IntRange(min=1), envvar=env("COUNT"), help="Exit after this many messages.")
 @option("--group", envvar=env("GROUP"), help="Consume as a member of this consumer group: each message printed is acknowledged.")
-def tail(broker_url, topic, from_beginning, from_offset, from_time, meta, count, group):
+@option("--nats-stream", default="TELEMETRY", envvar=env("NATS_STREAM"), help="NATS: the JetStream stream to read.")
+@connection_options("TELEMETRY_BROKER_")
+def tail(broker_url, topic, from_beginning, from_offset, from_time, meta, count, group, nats_stream, **nats_files):
     """Print a topic's messages as JSON lines as they arrive (new ones only, unless told where to start)."""
     if sum(x is not None and x is not False for x in (from_beginning or None, from_offset, from_time)) > 1:
         raise click.UsageError("give at most one of --from-beginning, --from-offset, --from-time")
@@ -145,6 +155,22 @@ def tail(broker_url, topic, from_beginning, from_offset, from_time, meta, count,
         raise click.BadParameter(f"{group!r}: use 1-128 of A-Z a-z 0-9 . _ -", param_hint="'--group'")
     setup_logging("warning", "text", component="tail")
     import uvloop
+
+    if is_nats_url(broker_url):
+        if not valid_nats_url(broker_url):
+            raise click.BadParameter(f"{broker_url!r} is not nats://[USER:PASS@]HOST[:PORT] (or tls://)", param_hint="'--broker-url'")
+        if group is not None:
+            raise click.UsageError("--group is for our broker; with NATS, create a durable JetStream consumer instead")
+        connection = connection_from_options(broker_url, **nats_files)
+        try:
+            return uvloop.run(_tail_nats(connection, nats_stream, topic, from_beginning, from_offset, from_time, meta, count))
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        except Exception as exc:  # unreachable, refused, no such stream: one line
+            raise click.ClickException(
+                f"cannot read stream {nats_stream!r} at NATS {connection.shown}: {str(exc).removeprefix('nats: ') or type(exc).__name__}"
+            ) from None
 
     from .client import Consumer, Subscriber
 
@@ -201,6 +227,27 @@ async def _tail(subscriber, meta: bool, count: int | None) -> int:
     if subscriber.missed:
         log.warning("tail: missed %d messages (this reader fell behind)", subscriber.missed)
     return 0
+
+
+async def _tail_nats(connection, stream, topic, from_beginning, from_seq, from_time_ns, meta, count) -> int:
+    from .natstail import tail
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return await tail(
+        connection,
+        stream,
+        topic,
+        from_beginning=from_beginning,
+        from_seq=from_seq,
+        from_time_ns=from_time_ns,
+        meta=meta,
+        count=count,
+        out=sys.stdout.buffer,
+        stop=stop,
+    )
 
 
 class _GroupReader:

@@ -26,8 +26,6 @@ from .transport import ZMQ_GONE, ZMQ_SENT, Transport
 
 log = logging.getLogger("broker")
 
-EXPIRY_CHECK_S = 0.2  # the redelivery timer's tick, at most (a quarter of --ack-timeout if shorter)
-
 
 class GroupCoordinator:
     def __init__(self, config: BrokerConfig, registry: TopicRegistry, transport: Transport, on_durable: Callable[[Topic, Span], None]):
@@ -39,6 +37,7 @@ class GroupCoordinator:
         self.on_durable = on_durable  # a dead letter reaches the .dlq topic's subscriptions and groups
         self._dlq_producer = os.urandom(p.PRODUCER_ID_BYTES)  # the broker's own id for dead letters
         self._dlq_seq = 0
+        self._armed = asyncio.Event()  # set when a delivery goes out: the redelivery timer has something to wait for
 
     def group(self, topic: Topic, name: str, create: bool = True) -> Group | None:
         """The group `name` (a valid name) of `topic`; a new one starts at the oldest message the topic holds."""
@@ -104,6 +103,7 @@ class GroupCoordinator:
                 return
             delivery.member, delivery.deadline = member.identity, now + self.ack_timeout_s
             group.inflight[delivery.offset] = delivery
+            self._armed.set()
             member.holding += 1
             group.delivered += 1
             if delivery.deliveries > 1:
@@ -123,10 +123,19 @@ class GroupCoordinator:
             return True
         return False
 
+    async def _until_first_deadline(self) -> None:
+        """Sleep until the earliest in-flight delivery is due; with none in flight, until one goes out."""
+        deadlines = [d.deadline for t in self.registry.topics.values() for g in t.groups.values() for d in g.inflight.values()]
+        if not deadlines:
+            self._armed.clear()
+            await self._armed.wait()
+            return
+        await asyncio.sleep(max(0.001, min(deadlines) - time.monotonic()))
+
     async def expire_deliveries(self) -> None:
         """The redelivery timer: messages not acknowledged in time go back to their group, or to the dead-letter topic."""
         while True:
-            await asyncio.sleep(min(EXPIRY_CHECK_S, self.ack_timeout_s / 4))
+            await self._until_first_deadline()
             now = time.monotonic()
             for topic in list(self.registry.topics.values()):
                 for group in list(topic.groups.values()):

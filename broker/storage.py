@@ -21,8 +21,6 @@ from .topic import Topic
 
 log = logging.getLogger("broker")
 
-SYNC_CHECK_S = 0.1  # how often the interval task looks for logs due
-
 
 class FsyncPolicy:
     def __init__(self, topics: dict[str, Topic], fsync_seconds):
@@ -43,12 +41,20 @@ class FsyncPolicy:
                     failed.add(id(topic))
         return failed
 
+    def _until_next_sync(self, interval: float) -> float:
+        """Seconds until the first written log is due. A log written after this is computed is
+        due `interval` after its last fsync at the earliest, so sleeping at most `interval` never
+        leaves it unsynced for longer: one wake-up per interval, not a poll."""
+        now = time.monotonic()
+        due = [t.log.last_fsync + interval - now for t in self.topics.values() if t.log is not None and t.log.dirty]
+        return max(min(interval, 0.1), min(due, default=interval))  # a log whose fsync failed is retried, not spun on
+
     async def sync_periodically(self, interval: float) -> None:
         """--fsync=interval: fsync each written log at most every interval, off the event loop
         (a duplicate descriptor, so that a segment roll may close the original meanwhile)."""
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(min(interval, SYNC_CHECK_S))
+            await asyncio.sleep(self._until_next_sync(interval))
             for topic in list(self.topics.values()):
                 topic_log = topic.log
                 if topic_log is None or not topic_log.sync_due():

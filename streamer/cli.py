@@ -21,9 +21,10 @@ from broker.protocol import MAX_MESSAGE_BYTES
 from common import commandline
 from common.logsetup import FORMATS, LEVELS, setup_logging
 from common.names import NAME_RULE, valid_topic
-from common.options import Size
+from common.natsconn import connection_from_options, connection_options, is_nats_url, valid_nats_url
+from common.options import Duration, Size, bool_flag, stack
 
-from .config import StreamerConfig, WorkerConfig
+from .config import NatsConfig, StreamerConfig, WorkerConfig
 from .csvreader import parse_delimiter
 from .csvsource import CsvError, CsvFormat, check_csv
 from .infer import parse_column_type
@@ -73,9 +74,17 @@ def _topic(ctx, param, value: str) -> str:
     return value
 
 
+_STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,255}")
+
+
 def _broker_url(ctx, param, value: str | None) -> str | None:
-    if value is not None and not _BROKER_URL.fullmatch(value):
-        raise click.BadParameter(f"{value!r} is not tcp://HOST:PORT")
+    if value is None:
+        return None
+    if is_nats_url(value):
+        if not valid_nats_url(value):
+            raise click.BadParameter(f"{value!r} is not nats://[USER:PASS@]HOST[:PORT] (or tls://), comma-separated for several seeds")
+    elif not _BROKER_URL.fullmatch(value):
+        raise click.BadParameter(f"{value!r} is not tcp://HOST:PORT, nats://HOST:PORT or tls://HOST:PORT")
     return value
 
 
@@ -97,6 +106,62 @@ def _comment(ctx, param, value: str | None) -> str | None:
     if value is not None and len(value) != 1:
         raise click.BadParameter(f"{value!r} is not one character")
     return value
+
+
+def _stream_name(ctx, param, value: str) -> str:
+    if not _STREAM_NAME.fullmatch(value):
+        raise click.BadParameter(f"{value!r}: a JetStream stream name is 1-255 of A-Z a-z 0-9 _ -")
+    return value
+
+
+def _positive_duration(ctx, param, value):
+    if value is None:
+        raise click.BadParameter("must be a duration greater than 0")
+    return value
+
+
+def nats_options():
+    """Options that apply with a nats:// or tls:// --broker-url."""
+    return stack(
+        [
+            connection_options(ENV_PREFIX),
+            option("--nats-stream", default="TELEMETRY", callback=_stream_name, envvar=env("NATS_STREAM"), help="NATS: the JetStream stream to publish into."),
+            bool_flag(
+                "--nats-create-stream",
+                envvar=env("NATS_CREATE_STREAM"),
+                show_envvar=True,
+                help="NATS: create the stream if it is missing (or add the topic to its subjects); else a missing stream is an error.",
+            ),
+            option("--nats-replicas", type=click.IntRange(1, 5), default=1, envvar=env("NATS_REPLICAS"), help="NATS: replicas of a stream it creates."),
+            option(
+                "--nats-storage",
+                type=click.Choice(["file", "memory"]),
+                default="file",
+                envvar=env("NATS_STORAGE"),
+                help="NATS: storage of a stream it creates.",
+            ),
+            option(
+                "--nats-max-bytes", type=Size(), default=None, envvar=env("NATS_MAX_BYTES"), help="NATS: size limit of a stream it creates [default: none]."
+            ),
+            option("--nats-max-age", type=Duration(), default=None, envvar=env("NATS_MAX_AGE"), help="NATS: age limit of a stream it creates [default: none]."),
+            option(
+                "--nats-duplicate-window",
+                type=Duration(),
+                default="2m",
+                callback=_positive_duration,
+                envvar=env("NATS_DUPLICATE_WINDOW"),
+                help="NATS: how long the stream it creates remembers message ids (resends within it are de-duplicated).",
+            ),
+            option(
+                "--nats-connect-wait",
+                type=Duration(),
+                default="15s",
+                callback=_positive_duration,
+                envvar=env("NATS_CONNECT_WAIT"),
+                help="NATS: how long start-up waits for a server and JetStream to answer before giving up.",
+            ),
+        ]
+    )
 
 
 def _column_types(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
@@ -128,7 +193,8 @@ def _column_types(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
     default=None,
     callback=_broker_url,
     envvar=env("BROKER_URL"),
-    help="Publish to a separate broker (tcp://HOST:PORT) instead of the embedded one.",
+    help="Publish to a separate broker (tcp://HOST:PORT) instead of the embedded one, or to NATS JetStream "
+    "(nats://[USER:PASS@]HOST:PORT or tls://..., comma-separated seed servers).",
 )
 @option("--broker-port", type=PORT, default=5555, envvar=env("BROKER_PORT"), help="Embedded broker's ZeroMQ port on 127.0.0.1 (0 = any free port).")
 @option(
@@ -195,13 +261,14 @@ def _column_types(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
 @option(
     "--linger",
     type=click.FloatRange(min=0, max=10),
-    default=0.5,
+    default=1.0,
     envvar=env("LINGER"),
     help="Below 100 messages/s per worker: seconds a due message may wait to be sent with the others due (each keeps its due time as timestamp); 0 = send each at once.",
 )
 @replay_options(option, env)
 @consumer_options(ENV_PREFIX)
 @persistence_options(ENV_PREFIX)
+@nats_options()
 @option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="info", envvar=env("LOG_LEVEL"), help="Least severe level logged.")
 @option("--log-format", type=click.Choice(FORMATS), default="text", envvar=env("LOG_FORMAT"), help="text for people, json for log pipelines.")
 def command(
@@ -228,6 +295,19 @@ def command(
     subscriber_queue,
     ack_timeout,
     max_deliveries,
+    nats_creds,
+    nats_nkey,
+    nats_tls_ca,
+    nats_tls_cert,
+    nats_tls_key,
+    nats_stream,
+    nats_create_stream,
+    nats_replicas,
+    nats_storage,
+    nats_max_bytes,
+    nats_max_age,
+    nats_duplicate_window,
+    nats_connect_wait,
     **persistence,
 ):
     """Stream a CSV file's rows as timestamped JSON messages into a topic, from N worker processes."""
@@ -236,8 +316,23 @@ def command(
     replay_values = {name: persistence.pop(name) for name in REPLAY_OPTIONS}  # the rest are persistence options
     persistence_cfg = persistence_config(**persistence)
     if http_port is None:
-        http_port = 8081 if broker_url else 8080
+        http_port = 8081 if broker_url and not is_nats_url(broker_url) else 8080  # beside a separate broker on 8080
     fmt = CsvFormat(delimiter=delimiter, encoding=encoding, skip_rows=skip_rows, comment=comment, null_values=tuple(null_values))
+    nats = None
+    if is_nats_url(broker_url):
+        nats = NatsConfig(
+            connection=connection_from_options(broker_url, nats_creds, nats_nkey, nats_tls_ca, nats_tls_cert, nats_tls_key),
+            stream=nats_stream,
+            create_stream=nats_create_stream,
+            replicas=nats_replicas,
+            storage=nats_storage,
+            max_bytes=nats_max_bytes,
+            max_age=nats_max_age,
+            duplicate_window=nats_duplicate_window,
+            connect_wait=nats_connect_wait,
+        )
+    elif nats_create_stream or nats_creds or nats_nkey or nats_tls_ca or nats_tls_cert:
+        raise click.UsageError("--nats-* options need a nats:// or tls:// --broker-url")
     try:
         paths = expand(csv_specs)
     except InputError as exc:
@@ -280,6 +375,7 @@ def command(
             log_level=log_level.lower(),
             log_format=log_format,
             replay=replay_cfg,
+            nats=nats,
         ),
         progress=not replay_values["no_progress"] and sys.stderr.isatty(),
         http_host=http_host,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from broker.config import BrokerConfig
+from common.natsconn import NatsConnection
 
 from .csvsource import CsvFormat
 
@@ -37,6 +38,21 @@ class ReplayConfig:
 
 
 @dataclass(frozen=True)
+class NatsConfig:
+    """Publishing to NATS JetStream (--broker-url nats://... or tls://...)."""
+
+    connection: NatsConnection
+    stream: str = "TELEMETRY"
+    create_stream: bool = False  # create the stream (or add the topic to its subjects) if needed
+    replicas: int = 1
+    storage: str = "file"  # file | memory
+    max_bytes: int | None = None  # None: unlimited
+    max_age: float | None = None  # seconds; None: unlimited
+    duplicate_window: float = 120.0  # seconds the server remembers a Nats-Msg-Id
+    connect_wait: float = 15.0  # how long start-up waits for a server (and JetStream) to answer
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     """Everything one worker process needs; picklable, passed to it at spawn."""
 
@@ -49,12 +65,13 @@ class WorkerConfig:
     shutdown_timeout: float = 10.0
     buffer_messages: int = 100_000  # unacknowledged messages held before reading pauses
     batch_messages: int = 4000  # largest batch sent in one frame
-    linger: float = 0.5  # below 100 messages/s: how long a due message may wait to go with others
+    linger: float = 1.0  # below 100 messages/s: how long a due message may wait to go with others
     max_message_bytes: int = 1 << 20  # rows whose message is larger are skipped and counted
     log_level: str = "info"
     log_format: str = "text"
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     anchor_ns: int = 0  # wall time (ns) every worker's schedule and shifted timestamps start from; set by the supervisor
+    nats: NatsConfig | None = None  # set when broker_url is nats:// or tls://
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,13 @@ workers' metrics. (With the embedded broker, its HTTP serves these, with the bro
     GET /metrics   the workers' counters, Prometheus text format
     GET /stats     {"workers": {index: {pid, running, restarts, given_up, sent, published,
                    unacknowledged, lost_by_broker, skipped}}} (the same object as the embedded
-                   broker's /stats shows)
+                   broker's /stats shows); with NATS also "jetstream": the stream's state
+    GET /stats/<topic>   with NATS: the streamer's counters summed over workers (sent, published,
+                   unacknowledged, rejected, skipped by reason), "workers", and the stream's state
+                   read from JetStream: {"stream", "messages", "bytes", "first_seq", "last_seq",
+                   "consumer_count", "replicas", "storage", "cluster": {"name", "leader",
+                   "replicas": [{"name", "current", "active_s", "lag"}]}}; "messages" and "bytes"
+                   are also at the top level, as in the broker's /stats/<topic>
 
 Every error (an unknown path, a wrong method) is a JSON object {"error": ...}, as the broker's.
 """
@@ -53,6 +59,31 @@ class WorkerCollector:
         yield from (sent, published, unacked, restarts, lost, skipped)
 
 
+class StreamCollector:
+    """The NATS stream's state as last read (the supervisor's StreamMonitor refreshes it)."""
+
+    def __init__(self, monitor):
+        self.monitor = monitor
+
+    def collect(self):
+        state = self.monitor.state
+        if not state:
+            return
+        label = [state["stream"]]
+        families = [
+            GaugeMetricFamily("telemetry_nats_stream_messages", "Messages in the JetStream stream", labels=["stream"]),
+            GaugeMetricFamily("telemetry_nats_stream_bytes", "Bytes in the JetStream stream", labels=["stream"]),
+            GaugeMetricFamily("telemetry_nats_stream_last_seq", "Last sequence number in the JetStream stream", labels=["stream"]),
+            GaugeMetricFamily("telemetry_nats_stream_consumers", "Consumers of the JetStream stream", labels=["stream"]),
+            GaugeMetricFamily("telemetry_nats_stream_current_replicas", "Stream replicas that are current, the leader included", labels=["stream"]),
+        ]
+        cluster = state.get("cluster") or {}
+        current = (1 if cluster.get("leader") or not cluster else 0) + sum(1 for r in cluster.get("replicas") or [] if r["current"])
+        for family, value in zip(families, (state["messages"], state["bytes"], state["last_seq"], state["consumer_count"], current)):
+            family.add_metric(label, value)
+        yield from families
+
+
 async def _healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
@@ -64,7 +95,40 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _stats(request: web.Request) -> web.Response:
-    return json_response({"workers": request.app[SUPERVISOR].worker_stats()})
+    supervisor = request.app[SUPERVISOR]
+    body = {"workers": supervisor.worker_stats()}
+    if supervisor.stream_monitor is not None:
+        body["jetstream"] = await supervisor.stream_monitor.refresh()
+    return json_response(body)
+
+
+async def _topic_stats(request: web.Request) -> web.Response:
+    supervisor = request.app[SUPERVISOR]
+    topic = request.match_info["topic"]
+    if supervisor.stream_monitor is None or topic != supervisor.cfg.worker.topic:
+        return json_response({"error": f"unknown topic {topic!r}"}, status=404)
+    monitor = supervisor.stream_monitor
+    stream = await monitor.refresh()
+    workers = supervisor.worker_stats()
+    skipped: dict[str, int] = {}
+    for w in workers.values():
+        for reason, count in w["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    body = {
+        "topic": topic,
+        "destination": "nats",
+        "messages": stream["messages"] if stream else None,
+        "bytes": stream["bytes"] if stream else None,
+        "sent": sum(w["sent"] for w in workers.values()),
+        "published": sum(w["published"] for w in workers.values()),
+        "unacknowledged": sum(w["unacknowledged"] for w in workers.values()),
+        "rejected": sum(slot.status.get("rejected", 0) for slot in supervisor.slots),
+        "skipped": skipped,
+        "workers": workers,
+        "jetstream": stream,
+        "jetstream_error": monitor.error,
+    }
+    return json_response(body)
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -78,6 +142,7 @@ async def start_health(supervisor, host: str, port: int) -> tuple[web.AppRunner,
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/stats", _stats)
+    app.router.add_get("/stats/{topic}", _topic_stats)
     add_console(app)
     return await serve_app(app, host, port)
 

@@ -6,7 +6,7 @@ consulted per batch, not per message:
 - from 100 messages/s up, a chunk is about 10 ms worth (at most a batch);
 - below that, a 10 ms chunk would be under one message, and a worker would wake up (and send,
   and be acknowledged) once per message. There a chunk is what falls due within `linger`
-  (--linger, default 0.5 s): the worker wakes once per chunk, and stamps each message with the
+  (--linger, default 1 s): the worker wakes once per chunk, and stamps each message with the
   moment it fell due (`due_times`), so timestamps stay evenly spaced at exactly the rate while a
   message waits at most `linger`. linger=0 releases each message as it falls due.
 
@@ -25,7 +25,7 @@ from aiolimiter import AsyncLimiter
 
 CHUNK_S = 0.01
 CATCH_UP_S = 0.2
-LINGER_S = 0.5
+LINGER_S = 1.0
 
 
 class RateLimit:

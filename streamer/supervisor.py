@@ -129,6 +129,7 @@ class Supervisor:
         self.completed = False  # every worker finished on its own (passes, profile, read-once input)
         self._started_at = time.monotonic()
         self._worker_cfg = cfg.worker
+        self.stream_monitor = None  # with NATS: the stream's state for /stats and /metrics
 
     # -- signals only flip state -------------------------------------------------------------------
 
@@ -168,6 +169,8 @@ class Supervisor:
             self.broker.metrics.registry.register(health.WorkerCollector(self))  # one scrape: broker and workers
             self.broker.workers_stats = (self._worker_cfg.topic, self.worker_stats)  # and one /stats
         else:
+            if cfg.worker.nats is not None:
+                await self._prepare_nats()
             try:
                 self._health, url = await health.start_health(self, cfg.http_host, cfg.http_port)
             except OSError as exc:
@@ -180,9 +183,34 @@ class Supervisor:
         self._started_at = time.monotonic()
         w = self._worker_cfg
         rate = f"{w.rate:g} messages/s per worker" if w.rate > 0 else "unthrottled"
-        log.info("Starting %d workers, %s, topic %r, broker %s", cfg.workers, rate, w.topic, w.broker_url)
+        target = f"NATS {w.nats.connection.shown}, stream {w.nats.stream}" if w.nats else f"broker {w.broker_url}"
+        log.info("Starting %d workers, %s, topic %r, %s", cfg.workers, rate, w.topic, target)
         for slot in self.slots:
             self._spawn(slot)
+
+    async def _prepare_nats(self) -> None:
+        """Check the servers and the stream before any worker starts; watch the stream for /stats."""
+        from .destinations import DestinationError
+        from .destinations.nats import StreamMonitor, prepare
+
+        try:
+            largest = await prepare(self._worker_cfg)
+        except DestinationError as exc:
+            raise BrokerStartError(str(exc)) from None
+        if self._worker_cfg.max_message_bytes > largest:
+            log.info("Messages over %d bytes are skipped: the NATS servers' max_payload, less the message id header", largest)
+            self._worker_cfg = replace(self._worker_cfg, max_message_bytes=largest)
+        self.stream_monitor = StreamMonitor(self._worker_cfg)
+        await self.stream_monitor.start()
+        await self.stream_monitor.refresh()
+        self.registry.register(health.StreamCollector(self.stream_monitor))
+        self._stream_refresh = asyncio.create_task(self._refresh_stream_state())
+
+    async def _refresh_stream_state(self) -> None:
+        """The stream's state for /metrics, read once a second (a scrape never waits on NATS)."""
+        while True:
+            await asyncio.sleep(1.0)
+            await self.stream_monitor.refresh()
 
     def worker_stats(self) -> dict:
         return {str(slot.index): slot.stats() for slot in self.slots}
@@ -325,6 +353,10 @@ class Supervisor:
         accepted = None
         if self._health is not None:
             await self._health.cleanup()
+        if self.stream_monitor is not None:
+            self._stream_refresh.cancel()
+            await asyncio.gather(self._stream_refresh, return_exceptions=True)
+            await self.stream_monitor.close()
         if self.broker is not None:
             stats = self.broker.topic_stats(self._worker_cfg.topic)
             accepted = stats["messages"] if stats else 0
@@ -377,7 +409,7 @@ def worker_context() -> multiprocessing.context.BaseContext:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["streamer.worker", "streamer.destinations.zeromq", "uvloop"])
+    context.set_forkserver_preload(["streamer.forkserver", "streamer.worker", "streamer.destinations.zeromq", "uvloop"])
     return context
 
 

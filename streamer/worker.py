@@ -22,12 +22,14 @@ import sys
 import time
 from multiprocessing.connection import Connection
 
+import orjson
+
 from broker.protocol import batch_bytes
 from common.logsetup import setup_logging
 
 from .config import WorkerConfig
 from .csvsource import CsvError, CsvSource, NoUsableRows
-from .destinations import open_destination
+from .destinations import kind_of, open_destination
 from .message import Envelope
 from .pipefeed import PipeFeed
 from .rate import RateLimit
@@ -73,6 +75,7 @@ def schedule_as_batch_work() -> bool:
 def main(cfg: WorkerConfig, index: int, status: Connection, stdin_fd: int | None = None, start_pass: int = 0) -> None:
     """Entry point of a worker process (started by the supervisor); stdin_fd is the parent's
     standard input when the CSV is read from it (multiprocessing gives a child /dev/null)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the fork server ignores it (see streamer.forkserver); Worker.run handles it
     parent_pid = die_with_parent()
     if cfg.replay.pace != "timestamps":  # a paced worker wants its timers on time, not batch scheduling
         schedule_as_batch_work()
@@ -102,6 +105,7 @@ class Worker:
         self.replay = Replay(self.source, cfg.replay, index, self.label, start_pass) if cfg.replay.active else None
         self.profile_run = ProfileRun(cfg.replay.profile, 1 / cfg.replay.workers) if cfg.replay.profile else None
         self.destination = open_destination(cfg)
+        self.destination.label = self.label  # its log lines name the worker
         self.name = f"worker-{index}@{socket.gethostname()}/{os.getpid()}"
         self._stop = asyncio.Event()
 
@@ -217,6 +221,11 @@ class Worker:
             body = self._body(envelope, part, part_stamps, part_keys)
             if len(body) > self._batch_bytes and len(part) > 1:
                 await self._publish_split(part, envelope, part_stamps, part_keys)
+            elif part_keys is not None and kind_of(self.cfg.broker_url) == "nats":
+                from .destinations.nats import key_subject
+
+                topic = self.cfg.topic.encode()
+                await self.destination.publish(body, len(part), [key_subject(topic, orjson.loads(k)) for k in part_keys])
             else:
                 await self.destination.publish(body, len(part))
 
@@ -236,6 +245,10 @@ class Worker:
         envelope = Envelope()
         own_times = r.timestamps != "now"
         keyed = bool(r.key_columns)
+        subject_of = None  # with NATS, a keyed message goes to the subject <topic>.<key>
+        if keyed and kind_of(cfg.broker_url) == "nats":
+            from .destinations.nats import key_subject as subject_of
+        topic = cfg.topic.encode()
         limit = RateLimit(cfg.rate, cfg.batch_messages, cfg.linger) if cfg.rate > 0 and r.pace == "rate" and self.profile_run is None else None
         base = None
         retry = RETRY_MIN_S
@@ -248,6 +261,8 @@ class Worker:
             body = self._body(envelope, rows, stamps, keys)
             if len(body) > self._batch_bytes and len(rows) > 1:
                 await self._publish_split(rows, envelope, stamps, keys)
+            elif subject_of is not None:
+                await self.destination.publish(body, len(rows), [subject_of(topic, orjson.loads(k)) for k in keys])
             else:
                 await self.destination.publish(body, len(rows))
             self.sent += len(rows)

@@ -120,6 +120,16 @@ def records_after_the_header(data: bytes) -> int:
         records += bool(row)
 
 
+def well_formed(data: bytes) -> bool:
+    """Whether Python's csv module in strict mode reads the whole text without an error."""
+    try:
+        for _ in csv.reader(io.StringIO(data.decode("utf-8-sig", "surrogateescape"), newline=""), strict=True):
+            pass
+    except csv.Error:
+        return False
+    return True
+
+
 # rows shaped like CSV: few or too many fields, empty fields, quotes, stray bytes
 FIELD = st.one_of(st.sampled_from([b"", b"1", b"-2.5", b"true", b"x", b'"a,b"', b'"x""y"', b'"two\nlines"', b"\xff", b" "]), st.binary(max_size=6))
 CSV_ROWS = st.lists(st.lists(FIELD, min_size=1, max_size=5).map(b",".join), max_size=20).map(lambda rows: b"".join(row + b"\n" for row in rows))
@@ -137,7 +147,11 @@ def test_arbitrary_bytes_give_strict_json_rows_or_counted_skips(tmp_path, body):
         assert list(value) == ["a", "b", "c"]
         assert b"\n" not in row
     assert set(source.skipped) <= {"field_count", "invalid_utf8", "field_too_large", "malformed"}
-    assert len(rows) + sum(source.skipped.values()) == records_after_the_header(data)  # nothing dropped uncounted
+    accounted = len(rows) + sum(source.skipped.values())
+    if well_formed(data):
+        assert accounted == records_after_the_header(data)  # nothing dropped uncounted
+    else:  # damaged quoting: the reader resumes at line boundaries, so it meets at least as many records as csv does
+        assert accounted >= records_after_the_header(data)
 
 
 def test_take_fills_batches_across_passes_of_a_small_file(tmp_path, monkeypatch):

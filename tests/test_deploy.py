@@ -160,3 +160,71 @@ def test_grafana_dashboard_queries_only_metrics_the_programs_export(procs, tmp_p
     assert not missing, missing  # (a counter with no samples yet exports its family name only)
     proc.signal(signal.SIGTERM)
     assert proc.wait() == 0
+
+
+# -- the NATS JetStream overlay ------------------------------------------------------------------------
+
+OVERLAY = os.path.join(ROOT, "deploy", "overlays", "nats")
+
+
+@pytest.fixture(scope="module")
+def nats_rendered():
+    kubectl = find_tool("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed")
+    result = subprocess.run([kubectl, "kustomize", OVERLAY], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_nats_overlay_validates_strictly(nats_rendered, tmp_path):
+    path = tmp_path / "rendered.yaml"
+    path.write_text(nats_rendered)
+    result = subprocess.run([find_tool("kubernetes-validate"), "--strict", str(path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    objs = objects(nats_rendered)
+    assert result.stdout.count("passed") == len(objs)
+    assert not [k for k in objs if "mq-" in k]  # our broker is left out
+    assert {"StatefulSet/nats", "Service/nats", "Deployment/telemetry-streamer"} <= set(objs)
+
+
+def test_nats_overlay_runs_a_three_node_jetstream_cluster_on_volumes(nats_rendered, tmp_path):
+    objs = objects(nats_rendered)
+    nats = objs["StatefulSet/nats"]
+    spec = nats["spec"]
+    assert spec["replicas"] == 3 and spec["serviceName"] == "nats"
+    assert objs["Service/nats"]["spec"]["clusterIP"] == "None"
+    pod = spec["template"]["spec"]
+    container = pod["containers"][0]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert spec["volumeClaimTemplates"][0]["metadata"]["name"] == "data" and mounts["data"] == "/data"
+    config = [o for k, o in objs.items() if k.startswith("ConfigMap/nats-config")][0]
+    assert [v for v in pod["volumes"] if v["name"] == "config"][0]["configMap"]["name"] == config["metadata"]["name"]
+    text = config["data"]["nats-server.conf"]
+    assert "store_dir: /data/jetstream" in text  # JetStream on the persistent volume
+    assert all(f"nats://nats-{i}.nats:6222" in text for i in range(3))
+    assert container["livenessProbe"]["httpGet"]["path"].startswith("/healthz")
+    assert container["readinessProbe"]["httpGet"]["path"].startswith("/healthz")
+    context = container["securityContext"]
+    assert context["readOnlyRootFilesystem"] is True and context["capabilities"]["drop"] == ["ALL"] and pod["securityContext"]["runAsNonRoot"] is True
+    # the real server accepts the configuration (-t: test it and exit)
+    from natsserver import nats_server_binary
+
+    conf = tmp_path / "nats-server.conf"
+    conf.write_text(text)
+    result = subprocess.run([nats_server_binary(), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=30, env={**os.environ, "POD_NAME": "nats-0"})
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_nats_overlay_points_the_streamer_at_the_cluster(nats_rendered):
+    from common.natsconn import valid_nats_url
+
+    deployment = objects(nats_rendered)["Deployment/telemetry-streamer"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    url = [a for a in args if a.startswith("--broker-url=")][0].split("=", 1)[1]
+    assert valid_nats_url(url) and [u.split("//")[1] for u in url.split(",")] == [f"nats-{i}.nats:4222" for i in range(3)]
+    assert {"--nats-create-stream", "--nats-replicas=3", "--workers=5", "--csv=/data/gpu_metrics.csv"} <= set(args)
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz" and container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    shutdown = int([a for a in args if a.startswith("--shutdown-timeout=")][0].split("=")[1])
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > shutdown

@@ -8,7 +8,7 @@ import signal
 import time
 
 import pytest
-from helpers import dump, get_json, start_streamer, summary, wait_until, workers_of
+from helpers import dump, get_json, start_broker, start_streamer, summary, wait_until, workers_of
 
 
 def _switches(pid: int) -> int:
@@ -55,3 +55,14 @@ def test_lingering_messages_keep_evenly_spaced_timestamps(procs, sample_csv, tmp
     stamps = [_ns(message["timestamp"]) for message in records]
     gaps = {b - a for a, b in zip(stamps, stamps[1:])}
     assert gaps == {50_000_000}, sorted(gaps)[:5]  # exactly 1/20 s apart, across chunks too
+
+
+def test_an_idle_broker_sleeps(procs, tmp_path):
+    """With persistence (--fsync=interval) and a consumer group, an idle broker wakes about once a
+    second (its rate sampler, its fsync interval), not every 0.1 or 0.2 s to poll for work."""
+    proc, zmq_url, http = start_broker("--persistence", f"--persistence-dir={tmp_path}")
+    procs.append(proc)
+    before, started = _switches(proc.pid), time.monotonic()
+    wait_until(lambda: time.monotonic() - started >= 3.0, interval=0.5, message="a 3 s window")
+    per_second = (_switches(proc.pid) - before) / (time.monotonic() - started)
+    assert per_second <= 5, per_second  # polling timers made it ~16 (fsync check 10/s, redelivery 5/s, sampler 1/s)

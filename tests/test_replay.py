@@ -455,3 +455,45 @@ def test_the_readme_dcgm_example_runs_as_written(procs, tmp_path):
         (f"{m['fields']['hostname']}/{m['fields']['gpu']}", m["fields"]["timestamp"]) for m in messages
     )
     assert len({m["key"] for m in messages}) == 8
+
+
+async def _nats_messages(url: str, subject: str, count: int) -> list[tuple[str, dict]]:
+    import nats
+    from nats.js.api import DeliverPolicy
+
+    nc = await nats.connect(url)
+    try:
+        got: list[tuple[str, dict]] = []
+        done = asyncio.Event()
+
+        async def on_message(msg) -> None:
+            got.append((msg.subject, orjson.loads(msg.data)))
+            if len(got) >= count:
+                done.set()
+
+        sub = await nc.jetstream().subscribe(subject, stream="TELEMETRY", cb=on_message, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+        await asyncio.wait_for(done.wait(), 60)
+        await sub.unsubscribe()
+        return got
+    finally:
+        await nc.close()
+
+
+def test_keys_become_nats_subjects(procs, tmp_path):
+    from natsserver import NatsServer
+
+    server = NatsServer(tmp_path / "js").start()
+    procs.append(server.proc)
+    path = tmp_path / "keyed.csv"
+    path.write_text("row,host,gpu\n" + "".join(f"{i},node {i % 3}.lab,{i % 2}\n" for i in range(60)))
+    proc = Proc(
+        "streamer", f"--csv={path}", f"--broker-url={server.url}", "--http-port=0", "--nats-create-stream", "--rate=0", "--once", "--key-columns=host,gpu"
+    )
+    procs.append(proc)
+    assert proc.wait(90) == 0, proc.output
+    got = asyncio.run(_nats_messages(server.url, "telemetry.>", 60))
+    assert sorted(m["fields"]["row"] for _, m in got) == list(range(60))
+    for subject, m in got:
+        host, gpu = m["fields"]["host"], m["fields"]["gpu"]
+        assert m["key"] == f"{host}/{gpu}"
+        assert subject == f"telemetry.{host.replace(' ', '_').replace('.', '_')}.{gpu}", subject

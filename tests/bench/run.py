@@ -9,6 +9,8 @@ Measures:
      datetime timestamp, one ZeroMQ send per message;
   3. ours end to end (CSV to broker acknowledgment): 1 and 2 workers, with and without persistence,
      on data/gpu_metrics.csv and a DCGM-shaped export;
+  4. NATS JetStream (natsbench.py): nats-py's publish loops against ours, 1 and 2 workers, and
+     a 3-node R3 cluster;
   then rate accuracy at 0.5, 5, 1,000 and 50,000 msg/s per worker (from the messages' own
   timestamps at a live subscriber, so window edges do not round the result), latency from a message's
   timestamp to a live subscriber at 10,000 msg/s, and peak resident memory of a worker and of the
@@ -346,6 +348,17 @@ def main() -> None:
             max(persistence_cost) <= 0.20,
         ),
     ]
+
+    # NATS JetStream: nats-py's own loops against ours (tests/bench/natsbench.py)
+    from natsbench import run as nats_run
+
+    nats_rows, nats_targets = nats_run(window=window, warmup=2.0 if args.quick else 3.0, rounds=args.rounds)
+    table(
+        "NATS JetStream, local file stream, PubAck per message (median of rounds where a range is shown)",
+        ["run", "msg/s", "range msg/s", "msg per publisher CPU second", "drain"],
+        nats_rows,
+    )
+    targets.extend(nats_targets)
 
     # rate accuracy
     rates = [(0.5, 8.0 if args.quick else 20.0), (5.0, window), (1000.0, window), (50_000.0, window)]
