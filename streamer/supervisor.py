@@ -36,7 +36,6 @@ RESTART_MIN_S, RESTART_MAX_S = 1.0, 30.0
 SIGNAL_DEBOUNCE_S = 0.5
 ANCHOR_LEAD_NS = 500_000_000  # --pace=timestamps: the first row is due this long after the start
 PROGRESS_REFRESH_S = 0.5
-RESIGNAL_S = 0.5  # during a drain, SIGTERM again to a worker that has not reported yet
 CRASH_LOOP_RESTARTS, CRASH_LOOP_WINDOW_S = 5, 60.0  # more restarts than this within the window: give up
 
 
@@ -292,17 +291,7 @@ class Supervisor:
         deadline = self._worker_cfg.shutdown_timeout + DRAIN_GRACE_S
         all_exited = asyncio.ensure_future(asyncio.gather(*(s.exited.wait() for s in live)))
         forced = asyncio.ensure_future(self.force_exit.wait())
-        loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + deadline
-        while True:
-            done, _ = await asyncio.wait({all_exited, forced}, timeout=min(RESIGNAL_S, max(0.0, give_up_at - loop.time())), return_when=asyncio.FIRST_COMPLETED)
-            if done or loop.time() >= give_up_at:
-                break
-            # a worker that has never reported may have been starting, still ignoring SIGTERM as the
-            # fork server does (streamer.forkserver), when the signal came: it is sent again
-            for slot in live:
-                if not slot.exited.is_set() and not slot.status:
-                    _signal(slot.process, signal.SIGTERM)
+        done, _ = await asyncio.wait({all_exited, forced}, timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
         for waiter in (all_exited, forced):
             waiter.cancel()
         await asyncio.gather(all_exited, forced, return_exceptions=True)
