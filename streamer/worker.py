@@ -72,7 +72,6 @@ def schedule_as_batch_work() -> bool:
 def main(cfg: WorkerConfig, index: int, status: Connection, stdin_fd: int | None = None) -> None:
     """Entry point of a worker process (started by the supervisor); stdin_fd is the parent's
     standard input when the CSV is read from it (multiprocessing gives a child /dev/null)."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the fork server ignores it (see streamer.forkserver); Worker.run handles it
     parent_pid = die_with_parent()
     schedule_as_batch_work()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole group; the parent decides
@@ -106,6 +105,7 @@ class Worker:
         """Start, produce until told to stop, then drain: flush what is sent, report, exit."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked since the fork (streamer.forkserver): one pending is delivered now
         await self.destination.start()
         log.info("%s started (pid %d, producer %s)", self.label, os.getpid(), self.destination.producer_id.hex())
         producing = asyncio.create_task(self._produce())
