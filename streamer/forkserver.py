@@ -3,8 +3,13 @@
 A stop signal sent to the whole process group (`timeout`, systemd's default KillMode, `kill -TERM
 -PGID`) reaches the fork server too. Were it to die, its children (the workers) would be killed
 with it (they die with their parent, see worker.die_with_parent) before they had drained. So the
-fork server ignores SIGTERM; it still exits when the streamer does (multiprocessing closes its
-lifeline), and SIGINT it already ignores. Each worker sets its own SIGTERM handling at start.
+fork server blocks SIGTERM (it still exits when the streamer does: multiprocessing closes its
+lifeline; SIGINT it already ignores).
+
+Blocked, not ignored: a worker is forked with the fork server's signal mask, so a SIGTERM that
+reaches a new worker before it has set up its handler stays pending instead of being lost (the
+supervisor may begin a drain a moment after starting a worker), and is delivered the moment the
+worker unblocks it (worker.Worker.run).
 """
 
 from __future__ import annotations
@@ -18,4 +23,4 @@ def _in_the_fork_server() -> bool:
 
 
 if _in_the_fork_server():
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})

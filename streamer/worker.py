@@ -75,7 +75,6 @@ def schedule_as_batch_work() -> bool:
 def main(cfg: WorkerConfig, index: int, status: Connection, stdin_fd: int | None = None, start_pass: int = 0) -> None:
     """Entry point of a worker process (started by the supervisor); stdin_fd is the parent's
     standard input when the CSV is read from it (multiprocessing gives a child /dev/null)."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the fork server ignores it (see streamer.forkserver); Worker.run handles it
     parent_pid = die_with_parent()
     if cfg.replay.pace != "timestamps":  # a paced worker wants its timers on time, not batch scheduling
         schedule_as_batch_work()
@@ -113,6 +112,7 @@ class Worker:
         """Start, produce until told to stop, then drain: flush what is sent, report, exit."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked since the fork (streamer.forkserver): one pending is delivered now
         await self.destination.start()
         log.info("%s started (pid %d, producer %s)", self.label, os.getpid(), self.destination.producer_id.hex())
         producing = asyncio.create_task(self._produce() if self.replay is None else self._produce_replay())

@@ -50,7 +50,7 @@ def test_persistence_flag_from_the_environment_on_both_commands(procs, tmp_path,
     procs.append(proc)
     wait_until(lambda: (tmp_path / "telemetry").is_dir())
     proc.signal(signal.SIGTERM)
-    assert proc.wait() == 0
+    assert proc.wait() == 0, proc.output
     broker_dir = tmp_path / "b"
     proc = Proc("broker", "serve", "--port=0", "--http-port=0", f"--persistence-dir={broker_dir}", env={"TELEMETRY_BROKER_PERSISTENCE": "yes"})
     procs.append(proc)

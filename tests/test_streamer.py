@@ -49,6 +49,19 @@ def test_signal_drains_and_nothing_is_lost(procs, sample_csv, signum):
     wait_until(lambda: not any(alive(pid) for pid in pids), timeout=5, message="the workers gone")
 
 
+def test_a_stop_while_workers_are_still_starting_is_not_lost(procs, sample_csv):
+    """SIGTERM the moment the workers are being started: a worker that gets the supervisor's
+    SIGTERM before its handler is set up still drains (the signal waits, blocked, until then)."""
+    proc = Proc("streamer", f"--csv={sample_csv}", "--broker-port=0", "--http-port=0", "--workers=4", "--rate=1")
+    procs.append(proc)
+    proc.wait_for_line("Starting 4 workers")
+    proc.signal(signal.SIGTERM)
+    started = time.monotonic()
+    assert proc.wait(timeout=30) == 0, proc.output
+    assert time.monotonic() - started < 10, proc.output  # not the drain deadline's kill (15 s)
+    assert "Forced exit" not in proc.output and summary(proc.output)["unacknowledged"] == 0
+
+
 def test_a_stop_sent_to_the_whole_process_group_drains_exactly(procs, sample_csv):
     """`timeout`, systemd and `kill -TERM -PGID` signal every process of the group at once: the
     workers and their fork server too. Every worker must still drain and report."""
