@@ -273,6 +273,12 @@ class Worker:
                 if replay.recording is None:
                     rec = await asyncio.to_thread(replay.scan)
                     log.info("%s: %d rows per pass are this worker's (of %d in the file)", self.label, rec.mine, rec.rows)
+                    if rec.mine == 0:  # all filtered out, or sharded to other workers: nothing to send, ever
+                        log.warning("%s: no rows to send (--filter / --shard leave none for it)", self.label)
+                        if not r.passes:  # (with --passes they run, counting what they skip)
+                            if self.profile_run is not None:
+                                break
+                            await asyncio.Event().wait()  # continuous: idle until the drain
                 if base is None:
                     # the schedule starts at the anchor, a wall time shared by every worker; the
                     # loop's clock keeps it (no drift). A first start whose scan took longer

@@ -497,3 +497,19 @@ def test_keys_become_nats_subjects(procs, tmp_path):
         host, gpu = m["fields"]["host"], m["fields"]["gpu"]
         assert m["key"] == f"{host}/{gpu}"
         assert subject == f"telemetry.{host.replace(' ', '_').replace('.', '_')}.{gpu}", subject
+
+
+def test_a_worker_with_no_rows_finishes_at_once_or_idles(procs, tmp_path):
+    path = keyed_csv(tmp_path, rows=20)
+    proc = Proc("streamer", f"--csv={path}", "--broker-port=0", "--http-port=0", "--rate=0", "--once", "--filter=host=nowhere")
+    procs.append(proc)
+    assert proc.wait(60) == 0, proc.output
+    assert "sent=0 acknowledged=0" in proc.output and "filtered=20" in proc.output
+    # continuous, 3 workers sharded by a key with one value: two have nothing to send and wait
+    proc, http = start_streamer(path, "--workers=3", "--rate=50", "--shard", "--key-columns=gpu", "--filter=gpu=1")
+    procs.append(proc)
+    wait_until(lambda: get_json(f"{http}/stats/telemetry")[1]["messages"] >= 20, message="20 messages")
+    busy = [w for w in get_json(f"{http}/stats/telemetry")[1]["workers"].values() if w["sent"]]
+    assert len(busy) == 1
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(60) == 0, proc.output
