@@ -305,7 +305,7 @@ def test_continuous_run_drains_cleanly_after_a_worker_crashed_holding_unacknowle
 
 
 def test_paced_replay_through_the_command_line_keeps_the_recorded_gaps(procs, tmp_path):
-    path = recording(tmp_path, [200, 400, 300, 600], per_time=2, form=lambda ns: f"2025-10-17T13:27:{(ns // 10**9) % 60:02d}.{ns % 10**9:09d}Z")
+    path = recording(tmp_path, [1000, 2000, 1200, 3000], per_time=2, form=lambda ns: f"2025-10-17T13:27:{(ns // 10**9) % 60:02d}.{ns % 10**9:09d}Z")
     data = tmp_path / "data"
     proc, _ = start_streamer(path, "--pace=timestamps", "--speed=2", "--timestamps=now", "--once", "--persistence", f"--persistence-dir={data}")
     procs.append(proc)
@@ -316,8 +316,10 @@ def test_paced_replay_through_the_command_line_keeps_the_recorded_gaps(procs, tm
     assert len(records) == 10
     for i in range(1, 10):
         expected = (own[i] - own[0]) / 2
-        # a loaded shared CI machine: 150 ms (the 5 ms figure is tests/bench/pacing.py's)
-        assert abs((sent_at[i] - sent_at[0]) - expected) < 150e6, (i, sent_at[i] - sent_at[0], expected)
+        # a loaded shared CI machine stalls for 100s of ms: 250 ms here, where every step is at
+        # least 500 ms (the strict figure is `tests/bench/replay.py pacing`'s)
+        assert abs((sent_at[i] - sent_at[0]) - expected) < 250e6, (i, sent_at[i] - sent_at[0], expected)
+    assert sent_at[1] == sent_at[0] or abs(sent_at[1] - sent_at[0]) < 50e6  # the same time: sent together
 
 
 def test_shifted_times_through_the_command_line_over_three_passes(procs, tmp_path):
@@ -513,3 +515,13 @@ def test_a_worker_with_no_rows_finishes_at_once_or_idles(procs, tmp_path):
     assert len(busy) == 1
     proc.signal(signal.SIGTERM)
     assert proc.wait(60) == 0, proc.output
+
+
+def test_replay_options_from_the_environment(procs, tmp_path):
+    path = keyed_csv(tmp_path, rows=100)
+    env = {"TELEMETRY_STREAMER_ONCE": "true", "TELEMETRY_STREAMER_FILTER": "host=node-1 gpu=1,2", "TELEMETRY_STREAMER_KEY_COLUMNS": "host,gpu"}
+    proc = Proc("streamer", f"--csv={path}", "--broker-port=0", "--http-port=0", "--rate=0", env=env)
+    procs.append(proc)
+    assert proc.wait(60) == 0, proc.output
+    expected = sum(1 for i in range(100) if i % 5 == 1 and i % 4 in (1, 2))
+    assert "Completed 1 passes" in proc.output and f"sent={expected} acknowledged={expected}" in proc.output
