@@ -1,15 +1,19 @@
 """`telemetry-broker tail --broker-url nats://...`: a JetStream stream's messages as JSON lines.
 
 An ordered push consumer (ephemeral, flow-controlled, re-created by nats-py after a gap or a
-reconnect) on the topic's subject: new messages, or from the start, a stream sequence or a time.
-With --meta each line wraps the message: {"seq", "msg_id", "received", "message"}, where `seq`
-is the stream sequence and `msg_id` the Nats-Msg-Id (`<producer>-<sequence>`).
+reconnect) on the topic's subject and `<topic>.>` (where the streamer's --key-columns sends keyed
+messages): new messages, or from the start, a stream sequence or a time. With --meta each line
+wraps the message: {"seq", "msg_id", "received", "message"}, where `seq` is the stream sequence
+and `msg_id` the Nats-Msg-Id (`<producer>-<sequence>`); a keyed message's line also has its
+"subject".
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
+
+import orjson
 
 from common.natsconn import NatsConnection
 from common.timefmt import rfc3339_ns
@@ -19,7 +23,7 @@ async def tail(
     connection: NatsConnection, stream: str, topic: str, *, from_beginning: bool, from_seq, from_time_ns, meta: bool, count, out, stop: asyncio.Event
 ):
     import nats
-    from nats.js.api import DeliverPolicy
+    from nats.js.api import ConsumerConfig, DeliverPolicy
 
     nc = await nats.connect(**connection.connect_options("telemetry-broker tail"), max_reconnect_attempts=-1, reconnect_time_wait=0.5)
     try:
@@ -32,7 +36,9 @@ async def tail(
         elif from_time_ns is not None:
             start = datetime.datetime.fromtimestamp(from_time_ns / 1e9, datetime.UTC).isoformat().replace("+00:00", "Z")
             options = {"deliver_policy": DeliverPolicy.BY_START_TIME, "opt_start_time": start}
-        sub = await js.subscribe(topic, stream=stream, ordered_consumer=True, config=None, **options)
+        # the topic's subject and, for keyed messages (the streamer's --key-columns), `<topic>.<key>`
+        sub = await js.subscribe("", stream=stream, ordered_consumer=True, config=ConsumerConfig(filter_subjects=[topic, topic + ".>"]), **options)
+        keyed_from = len(topic) + 1
         printed = 0
         while not stop.is_set():
             try:
@@ -43,8 +49,12 @@ async def tail(
                 md = msg.metadata
                 msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")
                 received = int(md.timestamp.timestamp() * 1e9) if md.timestamp else 0
+                subject = b""
+                if len(msg.subject) >= keyed_from:  # a keyed message: say where it went
+                    subject = b'"subject":%s,' % orjson.dumps(msg.subject)
                 out.write(
-                    b'{"seq":%d,"msg_id":"%s","received":"%s","message":%s}\n' % (md.sequence.stream, msg_id.encode(), rfc3339_ns(received).encode(), msg.data)
+                    b'{"seq":%d,"msg_id":"%s",%s"received":"%s","message":%s}\n'
+                    % (md.sequence.stream, msg_id.encode(), subject, rfc3339_ns(received).encode(), msg.data)
                 )
             else:
                 out.write(msg.data + b"\n")

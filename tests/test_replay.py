@@ -499,6 +499,17 @@ def test_keys_become_nats_subjects(procs, tmp_path):
         host, gpu = m["fields"]["host"], m["fields"]["gpu"]
         assert m["key"] == f"{host}/{gpu}"
         assert subject == f"telemetry.{host.replace(' ', '_').replace('.', '_')}.{gpu}", subject
+    # telemetry-broker tail reads them back, with their subjects
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "tail", f"--broker-url={server.url}", "--from-start", "--count=60", "--meta"],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [orjson.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 60 and all(line["subject"].startswith("telemetry.node_") for line in lines)
+    assert sorted(line["message"]["fields"]["row"] for line in lines) == list(range(60))
 
 
 def test_a_worker_with_no_rows_finishes_at_once_or_idles(procs, tmp_path):
