@@ -308,7 +308,7 @@ class Supervisor:
     def _what_is_done(self) -> str:
         replay = self._worker_cfg.replay
         if replay.passes:
-            return f"{replay.passes} passes"
+            return f"{replay.passes} pass{'' if replay.passes == 1 else 'es'}"
         if replay.profile is not None:
             return "the profile"
         return "every input read to its end"

@@ -301,7 +301,7 @@ class Worker:
                 retry = min(retry * 2, RETRY_MAX_S)
                 continue
             break
-        what = f"{replay.passes_done} passes" if r.passes else "the profile"
+        what = f"{replay.passes_done} pass{'' if replay.passes_done == 1 else 'es'}" if r.passes else "the profile"
         log.info("%s: done after %s (%d records); draining", self.label, what, self.sent)
         self.finished = True
 

@@ -239,7 +239,7 @@ def test_shard_three_workers_once_delivers_every_row_once_in_key_order(procs, tm
     proc, _ = start_streamer(path, "--workers=3", "--rate=0", "--shard", "--key-columns=host,gpu", "--once", "--persistence", f"--persistence-dir={data}")
     procs.append(proc)
     assert proc.wait(60) == 0, proc.output
-    assert "Completed 1 passes" in proc.output and "acknowledged=600 unacknowledged=0" in proc.output
+    assert "Completed 1 pass" in proc.output and "acknowledged=600 unacknowledged=0" in proc.output
     records = dump(data, "--meta")
     rows = [r["message"]["fields"]["row"] for r in records]
     assert sorted(rows) == list(range(600))  # every row, exactly once
@@ -394,7 +394,7 @@ def test_progress_bar_on_a_terminal_and_not_with_no_progress(tmp_path):
     assert re.search(r"\d+/300 ", shown) and "msg/s" in shown, shown
     code, shown = run_on_terminal(f"--csv={path}", "--broker-port=0", "--http-port=0", "--rate=200", "--once", "--no-progress")
     assert code == 0, shown
-    assert "/300 " not in shown and "msg/s" not in shown and "Completed 1 passes" in shown
+    assert "/300 " not in shown and "msg/s" not in shown and "Completed 1 pass" in shown
 
 
 def test_sharded_skips_are_counted_once(procs, tmp_path):
@@ -451,7 +451,7 @@ def test_the_readme_dcgm_example_runs_as_written(procs, tmp_path):
     proc = Proc("streamer", *args, "--broker-port=0", "--http-port=0", "--persistence", f"--persistence-dir={data}")
     procs.append(proc)
     assert proc.wait(120) == 0, proc.output
-    assert "Completed 1 passes" in proc.output and "sent=240 acknowledged=240 unacknowledged=0" in proc.output
+    assert "Completed 1 pass" in proc.output and "sent=240 acknowledged=240 unacknowledged=0" in proc.output
     messages = dump(data)
     assert sorted((m["key"], m["fields"]["timestamp"]) for m in messages) == sorted(
         (f"{m['fields']['hostname']}/{m['fields']['gpu']}", m["fields"]["timestamp"]) for m in messages
@@ -535,4 +535,4 @@ def test_replay_options_from_the_environment(procs, tmp_path):
     procs.append(proc)
     assert proc.wait(60) == 0, proc.output
     expected = sum(1 for i in range(100) if i % 5 == 1 and i % 4 in (1, 2))
-    assert "Completed 1 passes" in proc.output and f"sent={expected} acknowledged={expected}" in proc.output
+    assert "Completed 1 pass" in proc.output and f"sent={expected} acknowledged={expected}" in proc.output
