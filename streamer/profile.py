@@ -115,6 +115,10 @@ class Profile:
         i, into, before = self.locate(t)
         return before if i == len(self.steps) else before + self.steps[i].count(into)
 
+    def rate_at(self, t: float) -> float:
+        i, into, _ = self.locate(t)
+        return 0.0 if i == len(self.steps) else self.steps[i].rate_at(into)
+
     def finished(self, t: float) -> bool:
         return not self.repeat and t >= self.duration
 

@@ -328,7 +328,8 @@ class ProfileRun:
         return state
 
 
-PROFILE_TICK_S = 0.01
+PROFILE_TICK_S = 0.01  # the shortest wait between checks
+PROFILE_IDLE_S = 0.1  # the longest (a rate rising from 0 is noticed within it)
 
 
 async def run_profile(items: Iterator, send, run: ProfileRun, max_batch: int) -> None:
@@ -352,4 +353,8 @@ async def run_profile(items: Iterator, send, run: ProfileRun, max_batch: int) ->
         if finished:
             run.done = True
             return
-        await asyncio.sleep(PROFILE_TICK_S)
+        # the next message is due in about (1 - the fraction already due) / the current rate: at
+        # low rates a worker wakes when it is, not every tick (at most PROFILE_IDLE_S apart)
+        rate = profile.rate_at(elapsed) * run.share
+        owed = run.sent + 1 - profile.count(elapsed) * run.share
+        await asyncio.sleep(min(PROFILE_IDLE_S, max(PROFILE_TICK_S, owed / rate if rate > 0 else PROFILE_IDLE_S)))

@@ -536,3 +536,26 @@ def test_replay_options_from_the_environment(procs, tmp_path):
     assert proc.wait(60) == 0, proc.output
     expected = sum(1 for i in range(100) if i % 5 == 1 and i % 4 in (1, 2))
     assert "Completed 1 pass" in proc.output and f"sent={expected} acknowledged={expected}" in proc.output
+
+
+def test_a_slow_profile_wakes_when_a_message_is_due_not_every_tick():
+    class CountingLoop(VirtualClockLoop):
+        iterations = 0
+
+        def _run_once(self):
+            CountingLoop.iterations += 1
+            super()._run_once()
+
+    sent = []
+
+    async def send(batch, stamps):
+        sent.append(asyncio.get_running_loop().time())
+
+    loop = CountingLoop()
+    try:
+        loop.run_until_complete(run_profile(iter(lambda: (b"{}", 0, 0.0, b""), None), send, ProfileRun(parse_profile("hold 2 10s"), 1.0), 4000))
+    finally:
+        loop.close()
+    assert len(sent) == 20
+    assert sent[:3] == pytest.approx([0.5, 1.0, 1.5], abs=0.011)  # each as it falls due
+    assert CountingLoop.iterations < 400  # waking every 10 ms would take over 1000
