@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
+from broker.httpauth import HttpSecurityError
 from broker.server import Broker, BrokerStartError
 
 from . import health, worker
@@ -131,12 +132,15 @@ class Supervisor:
             await self.broker.start()  # raises BrokerStartError before any worker exists
             # the workers reach the embedded broker over a Unix socket: ~5-10% more messages
             # per CPU second than TCP loopback (docs/DESIGN.md)
-            self._worker_cfg = replace(cfg.worker, broker_url=self.broker.local_endpoint())
+            # with CURVE they connect with a key pair made now and allowed in memory only
+            self._worker_cfg = replace(cfg.worker, broker_url=self.broker.local_endpoint(), curve=self.broker.local_client_keys())
             self.broker.metrics.registry.register(health.WorkerCollector(self))  # one scrape: broker and workers
             self.broker.workers_stats = (self._worker_cfg.topic, self.worker_stats)  # and one /stats
         else:
             try:
-                self._health, url = await health.start_health(self, cfg.http_host, cfg.http_port)
+                self._health, url = await health.start_health(self, cfg.http_host, cfg.http_port, cfg.http_security)
+            except HttpSecurityError as exc:
+                raise BrokerStartError(str(exc)) from None
             except OSError as exc:
                 raise BrokerStartError(f"cannot listen for HTTP on {cfg.http_host}:{cfg.http_port}: {exc.strerror or exc}") from None
             log.info("Streamer HTTP %s (/healthz, /readyz, /metrics)", url)
