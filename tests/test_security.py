@@ -166,7 +166,7 @@ def test_a_client_without_an_allowed_key_can_neither_publish_subscribe_nor_ackno
         for dealer in (alice, *outsiders):
             dealer.close()
     # rate-limited: one line per 10 s however many refusals (the keyless client keeps reconnecting)
-    assert proc.output.count("refused a ZeroMQ client") <= 1 + (time.monotonic() - started) // 10 < stats(http)["connections"]["refused"] + 1
+    assert proc.output.count("refused a ZeroMQ client") <= 1 + (time.monotonic() - started) // 10
 
 
 def test_tail_and_the_python_clients_take_their_keys(procs, keys):
