@@ -96,6 +96,7 @@ class Supervisor:
         self.slots = [WorkerSlot(i) for i in range(cfg.workers)]
         self.should_exit = asyncio.Event()
         self.force_exit = asyncio.Event()
+        self.reload_keys = asyncio.Event()  # SIGHUP, with the embedded broker's CURVE: reread its authorized keys
         self.draining = False
         self._first_signal_at = 0.0
         self.registry = health.new_registry(self)  # the workers' metrics
@@ -119,11 +120,21 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        if self.cfg.broker is not None and self.cfg.broker.curve is not None:
+            loop.add_signal_handler(signal.SIGHUP, self.reload_keys.set)
         await self._start()
+        reloading = asyncio.create_task(self._reload_keys_on_sighup())
         await self.should_exit.wait()
+        reloading.cancel()
         log.info("Shutdown requested: draining %d workers (timeout %.1f s)", len(self.slots), self._worker_cfg.shutdown_timeout)
         forced = await self._drain()
         return await self._close(forced)
+
+    async def _reload_keys_on_sighup(self) -> None:
+        while True:
+            await self.reload_keys.wait()
+            self.reload_keys.clear()
+            self.broker.reload_keys()
 
     async def _start(self) -> None:
         cfg = self.cfg

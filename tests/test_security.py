@@ -20,7 +20,7 @@ import orjson
 import pytest
 import zmq
 import zmq.auth
-from helpers import PRODUCER, ROOT, Proc, start_broker, start_streamer, start_streamer_to, wait_until
+from helpers import PRODUCER, ROOT, Proc, start_broker, start_streamer, start_streamer_to, wait_until, workers_of
 
 from broker import protocol as p
 from broker.curve import ClientKeys
@@ -272,6 +272,23 @@ def test_the_streamer_publishes_with_keys_and_its_embedded_broker_guards_its_por
         assert alice.receive()[1] == p.ACK
     finally:
         alice.close()
+
+    # SIGHUP rereads the allow-list; the workers' own key stays allowed (a restarted worker connects anew)
+    shutil.copy(keys["mallory_secret"].removesuffix("_secret"), os.path.join(keys["authorized"], "mallory.key"))
+    embedded.signal(signal.SIGHUP)
+    embedded.wait_for_line(r"authorized keys reloaded .*\(1 added, 0 removed\)")
+    mallory = Dealer(tcp_url, keys["mallory"])
+    try:
+        mallory.send(publish_frames(0, ["from-mallory"], producer=b"\x07" * 16))
+        assert mallory.receive()[1] == p.ACK
+    finally:
+        mallory.close()
+    (worker,) = workers_of(embedded.pid)
+    os.kill(worker, signal.SIGKILL)
+    embedded.wait_for_line(r"Worker 0 exited unexpectedly")
+    wait_until(lambda: workers_of(embedded.pid) and workers_of(embedded.pid) != [worker], message="the worker restarted")
+    published = stats(embedded_http)["workers"]["0"]["published"]
+    wait_until(lambda: stats(embedded_http)["workers"]["0"]["published"] > published + 50, message="the restarted worker to publish over CURVE")
     embedded.signal(signal.SIGTERM)
     assert embedded.wait() == 0
 
