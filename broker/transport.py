@@ -49,10 +49,10 @@ _CONNECTION_EVENTS = {
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused",
 }
 ZAP_DOMAIN = b"telemetry"
-# why a CURVE handshake failed: the peer's key is not allowed, it does not speak CURVE, or its
-# handshake does not decrypt (a wrong server key)
+# why a CURVE handshake failed: the peer's key is not allowed, it does not speak CURVE, or anything
+# else (its handshake does not decrypt, as with a wrong server key; not ZeroMQ; it left mid-way)
 REFUSED_UNKNOWN_KEY, REFUSED_NO_CURVE, REFUSED_BAD_HANDSHAKE = "unknown_key", "no_curve", "bad_handshake"
-_REFUSALS = {zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: REFUSED_NO_CURVE, zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: REFUSED_BAD_HANDSHAKE}
+_REFUSALS = {zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: REFUSED_NO_CURVE}
 
 
 class TransportStartError(Exception):
@@ -239,11 +239,11 @@ class Transport:
             name = _CONNECTION_EVENTS.get(event["event"])
             if name is None:
                 continue
-            if name == "handshake_failed" and self.curve and event["value"] in _REFUSALS:
+            if name == "handshake_failed" and self.curve:  # with CURVE, any failed handshake is a refusal
                 name = "refused"
             self.connections[name] += 1
             if name == "refused":
-                reason = _REFUSALS.get(event["value"], REFUSED_UNKNOWN_KEY)
+                reason = REFUSED_UNKNOWN_KEY if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH else _REFUSALS.get(event["value"], REFUSED_BAD_HANDSHAKE)
                 self.refused[reason] += 1
                 if self._throttle.may_log("refused"):
                     log.warning("Broker: refused a ZeroMQ client (%s); %d refused so far", reason.replace("_", " "), self.connections[name])
