@@ -225,6 +225,8 @@ def test_nats_overlay_points_the_streamer_at_the_cluster(nats_rendered):
     url = [a for a in args if a.startswith("--broker-url=")][0].split("=", 1)[1]
     assert valid_nats_url(url) and [u.split("//")[1] for u in url.split(",")] == [f"nats-{i}.nats:4222" for i in range(3)]
     assert {"--nats-create-stream", "--nats-replicas=3", "--workers=5", "--csv=/data/gpu_metrics.csv"} <= set(args)
+    # CURVE keys are for our broker (the streamer refuses them with a NATS URL): only the token is set
+    assert [e["name"] for e in container["env"]] == ["TELEMETRY_STREAMER_HTTP_TOKEN_FILE"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz" and container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     shutdown = int([a for a in args if a.startswith("--shutdown-timeout=")][0].split("=")[1])
     assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > shutdown
