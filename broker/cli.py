@@ -25,7 +25,17 @@ from common.options import Size, Timestamp, bool_flag
 from common.timefmt import rfc3339_ns
 
 from .config import BrokerConfig
-from .options import consumer_options, persistence_config, persistence_options
+from .options import (
+    client_keys,
+    consumer_options,
+    curve_client_options,
+    curve_config,
+    curve_server_options,
+    http_security,
+    http_security_options,
+    persistence_config,
+    persistence_options,
+)
 from .protocol import MAX_MESSAGE_BYTES
 from .segmentlog import read_records
 
@@ -51,10 +61,29 @@ def command():
 @option("--max-message-bytes", type=Size(minimum=64), default=MAX_MESSAGE_BYTES, envvar=env("MAX_MESSAGE_BYTES"), help="Largest message accepted.")
 @consumer_options("TELEMETRY_BROKER_")
 @persistence_options("TELEMETRY_BROKER_")
+@curve_server_options("TELEMETRY_BROKER_")
+@http_security_options("TELEMETRY_BROKER_")
 @option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="info", envvar=env("LOG_LEVEL"), help="Least severe level logged.")
 @option("--log-format", type=click.Choice(FORMATS), default="text", envvar=env("LOG_FORMAT"), help="text for people, json for log pipelines.")
-def serve(host, port, http_host, http_port, max_message_bytes, subscriber_queue, ack_timeout, max_deliveries, log_level, log_format, **persistence):
-    """Serve producers over ZeroMQ and stats over HTTP until SIGINT/SIGTERM."""
+def serve(
+    host,
+    port,
+    http_host,
+    http_port,
+    max_message_bytes,
+    subscriber_queue,
+    ack_timeout,
+    max_deliveries,
+    curve_secret_key,
+    curve_authorized_keys,
+    http_token_file,
+    http_tls_cert,
+    http_tls_key,
+    log_level,
+    log_format,
+    **persistence,
+):
+    """Serve producers over ZeroMQ and stats over HTTP until SIGINT/SIGTERM (SIGHUP: reread the CURVE authorized keys)."""
     cfg = BrokerConfig(
         host=host,
         port=port,
@@ -65,6 +94,8 @@ def serve(host, port, http_host, http_port, max_message_bytes, subscriber_queue,
         ack_timeout_s=ack_timeout,
         max_deliveries=max_deliveries,
         persistence=persistence_config(**persistence),
+        curve=curve_config(curve_secret_key, curve_authorized_keys),
+        http_security=http_security(http_token_file, http_tls_cert, http_tls_key),
     )
     setup_logging(log_level, log_format, component="broker")
     import uvloop
@@ -78,10 +109,12 @@ def serve(host, port, http_host, http_port, max_message_bytes, subscriber_queue,
 
 
 async def _serve(cfg: BrokerConfig) -> int:
-    """start, serve until a signal, drain, close (Broker.run); a second signal exits at once."""
+    """start, serve until a signal, drain, close (Broker.run); a second signal exits at once;
+    SIGHUP rereads the CURVE authorized keys."""
     from .server import Broker
 
     stop = asyncio.Event()
+    reload = asyncio.Event()
     loop = asyncio.get_running_loop()
 
     def on_signal() -> None:
@@ -91,8 +124,20 @@ async def _serve(cfg: BrokerConfig) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
+    loop.add_signal_handler(signal.SIGHUP, reload.set)
     broker = Broker(cfg)
-    await broker.run(stop)
+
+    async def reload_on_sighup() -> None:
+        while True:
+            await reload.wait()
+            reload.clear()
+            broker.reload_keys()
+
+    reloading = asyncio.create_task(reload_on_sighup())
+    try:
+        await broker.run(stop)
+    finally:
+        reloading.cancel()
     topic_counts = ", ".join(f"{name}={topic.messages}" for name, topic in broker.topics.items())
     log.info("Broker stopped: accepted %s", topic_counts or "nothing")
     return 0
@@ -143,7 +188,8 @@ def dump(persistence_dir, topic, from_offset, meta):
 @option("--group", envvar=env("GROUP"), help="Consume as a member of this consumer group: each message printed is acknowledged.")
 @option("--nats-stream", default="TELEMETRY", envvar=env("NATS_STREAM"), help="NATS: the JetStream stream to read.")
 @connection_options("TELEMETRY_BROKER_")
-def tail(broker_url, topic, from_beginning, from_offset, from_time, meta, count, group, nats_stream, **nats_files):
+@curve_client_options("TELEMETRY_BROKER_")
+def tail(broker_url, topic, from_beginning, from_offset, from_time, meta, count, group, nats_stream, curve_server_key, curve_client_key, **nats_files):
     """Print a topic's messages as JSON lines as they arrive (new ones only, unless told where to start)."""
     if sum(x is not None and x is not False for x in (from_beginning or None, from_offset, from_time)) > 1:
         raise click.UsageError("give at most one of --from-beginning, --from-offset, --from-time")
@@ -153,6 +199,7 @@ def tail(broker_url, topic, from_beginning, from_offset, from_time, meta, count,
         raise click.UsageError("a --group reads from its committed offset: --from-* do not apply")
     if group is not None and not valid_topic(group):
         raise click.BadParameter(f"{group!r}: use 1-128 of A-Z a-z 0-9 . _ -", param_hint="'--group'")
+    curve = client_keys(curve_server_key, curve_client_key)
     setup_logging("warning", "text", component="tail")
     import uvloop
 
@@ -175,9 +222,9 @@ def tail(broker_url, topic, from_beginning, from_offset, from_time, meta, count,
     from .client import Consumer, Subscriber
 
     if group is not None:
-        subscriber = _GroupReader(Consumer(broker_url, topic, group))
+        subscriber = _GroupReader(Consumer(broker_url, topic, group, curve=curve))
     else:
-        subscriber = Subscriber(broker_url, topic, from_beginning=from_beginning, from_offset=from_offset, from_time_ns=from_time)
+        subscriber = Subscriber(broker_url, topic, from_beginning=from_beginning, from_offset=from_offset, from_time_ns=from_time, curve=curve)
     try:
         return uvloop.run(_tail(subscriber, meta, count))
     except BrokenPipeError:  # `| head` closed the pipe
@@ -274,6 +321,28 @@ class _GroupReader:
         if self._printed:
             await self.consumer.ack(*self._printed)
         await self.consumer.close()
+
+
+@command.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--name", default="broker", show_default=True, help="The files' name: DIRECTORY/NAME.key (public) and NAME.key_secret (private, 0600).")
+def keygen(directory, name):
+    """Make a CURVE key pair (pyzmq's zmq.auth format): one for the broker, one per client.
+
+    The broker takes its NAME.key_secret (--curve-secret-key); each client its own NAME.key_secret
+    (--curve-client-key) and the broker's NAME.key (--curve-server-key); a client's NAME.key goes
+    into the broker's --curve-authorized-keys directory."""
+    from .curve import KeyFileError
+    from .curve import keygen as make_keys
+
+    if not name or "/" in name or name.startswith("."):
+        raise click.BadParameter(f"{name!r} is not a file name", param_hint="'--name'")
+    try:
+        public_file, secret_file = make_keys(directory, name)
+    except KeyFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"public key: {public_file}\nsecret key: {secret_file} (keep it private)")
+    return 0
 
 
 def main() -> None:

@@ -17,6 +17,9 @@ stream continues instead of stalling on a gap that can never be filled.
     await pub.publish(b'{"a":1}\\n{"a":2}', 2)
     await pub.flush(timeout=10)
     await pub.close()
+
+Every client takes `curve=ClientKeys.load(server_key_file, client_key_file)` (broker.curve) to
+connect to a broker that wants CURVE (--curve-secret-key); without an allowed key it gets nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import zmq.asyncio
 from common.names import valid_topic
 
 from . import protocol as p
+from .curve import ClientKeys
 
 log = logging.getLogger("broker.client")
 
@@ -45,9 +49,11 @@ ACK_TIMEOUT_S = 2.0  # resend what is unacknowledged after this long
 MAX_RESEND_INTERVAL_S = 30.0
 
 
-def _dealer(context: zmq.asyncio.Context, url: str, **options: int) -> zmq.asyncio.Socket:
-    """A DEALER connected to the broker, reconnecting quickly after an outage."""
+def _dealer(context: zmq.asyncio.Context, url: str, curve: ClientKeys | None = None, **options: int) -> zmq.asyncio.Socket:
+    """A DEALER connected to the broker (a CURVE client with `curve`), reconnecting quickly after an outage."""
     sock = context.socket(zmq.DEALER)
+    if curve is not None:
+        curve.apply(sock)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
     for name, value in options.items():
@@ -59,8 +65,9 @@ def _dealer(context: zmq.asyncio.Context, url: str, **options: int) -> zmq.async
 class _Client:
     """What every client shares: one DEALER to the broker, on a context of its own unless given one."""
 
-    def __init__(self, url: str, context: zmq.asyncio.Context | None):
+    def __init__(self, url: str, context: zmq.asyncio.Context | None, curve: ClientKeys | None = None):
         self.url = url
+        self.curve = curve
         self._ctx = context
         self._own_ctx = context is None
         self._sock: zmq.asyncio.Socket | None = None
@@ -68,7 +75,7 @@ class _Client:
     def _connect(self, **options: int) -> zmq.asyncio.Socket:
         if self._ctx is None:
             self._ctx = zmq.asyncio.Context()
-        self._sock = _dealer(self._ctx, self.url, **options)
+        self._sock = _dealer(self._ctx, self.url, self.curve, **options)
         return self._sock
 
     async def _disconnect(self, farewell: list[bytes] | None = None, linger: int | None = None) -> None:
@@ -107,10 +114,11 @@ class Publisher(_Client):
         window_bytes: int = DEFAULT_WINDOW_BYTES,
         ack_timeout: float = ACK_TIMEOUT_S,
         context: zmq.asyncio.Context | None = None,
+        curve: ClientKeys | None = None,
     ):
         if not valid_topic(topic):
             raise ValueError(f"invalid topic name {topic!r}")
-        super().__init__(url, context)
+        super().__init__(url, context, curve)
         self.topic = topic
         self.window = window
         self.window_bytes = window_bytes
@@ -298,10 +306,11 @@ class Subscriber(_Client):
         resubscribe_s: float = 5.0,
         queue: int = 100,
         context: zmq.asyncio.Context | None = None,
+        curve: ClientKeys | None = None,
     ):
         if not valid_topic(topic):
             raise ValueError(f"invalid topic name {topic!r}")
-        super().__init__(url, context)
+        super().__init__(url, context, curve)
         self.topic = topic
         self.queue = queue  # batches the broker may send ahead of what this subscriber consumed (its credit)
         self._consumed = 0  # batches consumed since credit was last granted
@@ -418,10 +427,20 @@ class Consumer(_Client):
     acknowledge within the broker's --ack-timeout is delivered again (perhaps to another member).
     """
 
-    def __init__(self, url: str, topic: str, group: str, *, credit: int = 100, rejoin_s: float = 5.0, context: zmq.asyncio.Context | None = None):
+    def __init__(
+        self,
+        url: str,
+        topic: str,
+        group: str,
+        *,
+        credit: int = 100,
+        rejoin_s: float = 5.0,
+        context: zmq.asyncio.Context | None = None,
+        curve: ClientKeys | None = None,
+    ):
         if not valid_topic(topic) or not valid_topic(group):
             raise ValueError(f"invalid topic or group name: {topic!r}, {group!r}")
-        super().__init__(url, context)
+        super().__init__(url, context, curve)
         self.topic = topic
         self.group = group
         self.credit = credit

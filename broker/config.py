@@ -18,6 +18,26 @@ class PersistenceConfig:
 
 
 @dataclass(frozen=True)
+class CurveConfig:
+    """CURVE on the ZeroMQ port (broker.curve): the broker's key pair and the allow-list directory."""
+
+    secret_key_file: str
+    authorized_keys_dir: str
+
+
+@dataclass(frozen=True)
+class HttpSecurity:
+    """The HTTP side's protection (broker.httpauth): a bearer token, HTTPS."""
+
+    token: str | None = None  # every endpoint but /healthz, /readyz and the console's files wants it
+    tls_cert: str | None = None  # both set: HTTPS
+    tls_key: str | None = None
+
+    def __repr__(self) -> str:  # never print the token
+        return f"HttpSecurity(token={'set' if self.token else None}, tls_cert={self.tls_cert!r}, tls_key={self.tls_key!r})"
+
+
+@dataclass(frozen=True)
 class BrokerConfig:
     host: str = "127.0.0.1"  # ZeroMQ bind address
     port: int = 5555  # ZeroMQ port; 0 picks a free one
@@ -29,3 +49,5 @@ class BrokerConfig:
     max_deliveries: int = 3  # then it goes to <topic>.dlq
     topics: tuple[str, ...] = ("telemetry",)  # created at start, so their stats answer at once
     persistence: PersistenceConfig | None = None  # None: topics live in memory only
+    curve: CurveConfig | None = None  # None: the ZeroMQ port accepts any peer
+    http_security: HttpSecurity = HttpSecurity()

@@ -18,6 +18,9 @@
                           shuts down, the stream ends with `event: shutdown`.
 
 Every error, including unknown paths and wrong methods, is a JSON object {"error": ...}.
+With --http-token-file every path but /healthz, /readyz and the console's files wants
+`Authorization: Bearer <token>` (401 otherwise); with --http-tls-cert/--http-tls-key it is HTTPS
+(broker.httpauth).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import logging
 import orjson
 from aiohttp import web
 
+from .config import HttpSecurity
+from .httpauth import tls_context, token_middleware
 from .protocol import SEPARATOR
 from .subscriptions import SSE_SHUTDOWN
 from .webconsole import add_console
@@ -165,8 +170,14 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=request.app[BROKER].metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
+def secured_app(security: HttpSecurity, *middlewares) -> web.Application:
+    """An application that wants the token first (if there is one), then runs `middlewares`."""
+    first = [token_middleware(security.token)] if security.token else []
+    return web.Application(middlewares=[*first, *middlewares])
+
+
 def make_app(broker) -> web.Application:
-    app = web.Application(middlewares=[json_errors])
+    app = secured_app(broker.config.http_security, json_errors)
     app[BROKER] = broker
     app.router.add_get("/stats", _all_stats)
     app.router.add_get("/stats/{topic}", _topic_stats)
@@ -180,17 +191,21 @@ def make_app(broker) -> web.Application:
 
 async def start_http(broker, host: str, port: int, shutdown_timeout: float = 60.0) -> tuple[web.AppRunner, str]:
     """Serve the broker's app on host:port (0 picks a free port); returns the runner and the base URL."""
-    return await serve_app(make_app(broker), host, port, shutdown_timeout)
+    return await serve_app(make_app(broker), host, port, shutdown_timeout, security=broker.config.http_security)
 
 
-async def serve_app(app: web.Application, host: str, port: int, shutdown_timeout: float = 60.0) -> tuple[web.AppRunner, str]:
-    """Serve an app on host:port (0 picks a free port) in the running loop; (runner, base URL).
-    At cleanup, handlers still running after `shutdown_timeout` s are cancelled.
-    Raises OSError if the address cannot be bound."""
+async def serve_app(
+    app: web.Application, host: str, port: int, shutdown_timeout: float = 60.0, security: HttpSecurity | None = None
+) -> tuple[web.AppRunner, str]:
+    """Serve an app on host:port (0 picks a free port) in the running loop, over HTTPS if
+    `security` has a certificate; (runner, base URL). At cleanup, handlers still running after
+    `shutdown_timeout` s are cancelled. Raises OSError if the address cannot be bound,
+    HttpSecurityError if the certificate cannot be used."""
+    ssl_context = tls_context(security.tls_cert, security.tls_key) if security is not None and security.tls_cert else None
     # handler_cancellation: a stream's handler ends when its client leaves, not at its next write
     runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True, shutdown_timeout=shutdown_timeout)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
     try:
         await site.start()
     except OSError:
@@ -198,4 +213,4 @@ async def serve_app(app: web.Application, host: str, port: int, shutdown_timeout
         raise
     bound_host, bound_port = runner.addresses[0][:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    return runner, f"http://{shown}:{bound_port}"
+    return runner, f"{'https' if ssl_context else 'http'}://{shown}:{bound_port}"

@@ -48,7 +48,12 @@ class BrokerCollector:
         bad = CounterMetricFamily("telemetry_bad_frames", "Frames ignored because they are not the protocol", labels=["reason"])
         for reason, count in self.broker.bad_frames.items():
             bad.add_metric([reason], count)
-        yield from (accepted, accepted_bytes, duplicates, acks, skipped, sub_dropped, lag, dead, log_bytes, log_segments, dropped, bad)
+        refused = CounterMetricFamily(
+            "telemetry_connections_refused", "ZeroMQ connections refused by CURVE (unknown_key, no_curve, bad_handshake)", labels=["reason"]
+        )
+        for reason, count in self.broker.transport.refused.items():
+            refused.add_metric([reason], count)
+        yield from (accepted, accepted_bytes, duplicates, acks, skipped, sub_dropped, lag, dead, log_bytes, log_segments, dropped, bad, refused)
 
 
 class Metrics:

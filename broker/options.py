@@ -1,4 +1,5 @@
-"""Command-line options both commands share: the persistence settings and their value types."""
+"""Command-line options both commands share: the persistence settings, consumer settings,
+CURVE keys and HTTP protection, and what they turn into."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import click
 
 from common.options import Duration, Size, bool_flag, stack
 
-from .config import PersistenceConfig
+from .config import CurveConfig, HttpSecurity, PersistenceConfig
+from .curve import ClientKeys, KeyFileError, load_authorized_keys, load_key_pair
 from .segmentlog import FSYNC_POLICIES
 
 
@@ -94,3 +96,102 @@ def consumer_options(env_prefix: str):
     ]
 
     return stack(decorators)
+
+
+def curve_server_options(env_prefix: str):
+    """The broker side of CURVE: its key pair and the directory of client keys allowed in."""
+    option = functools.partial(click.option, show_envvar=True)
+    return stack(
+        [
+            option(
+                "--curve-secret-key",
+                metavar="FILE",
+                envvar=env_prefix + "CURVE_SECRET_KEY",
+                help="CURVE on the ZeroMQ port: the broker's key pair (a .key_secret file from `telemetry-broker keygen`).",
+            ),
+            option(
+                "--curve-authorized-keys",
+                metavar="DIR",
+                envvar=env_prefix + "CURVE_AUTHORIZED_KEYS",
+                help="With --curve-secret-key: only clients whose public key is a DIR/*.key file may connect (reread on SIGHUP).",
+            ),
+        ]
+    )
+
+
+def curve_config(curve_secret_key: str | None, curve_authorized_keys: str | None) -> CurveConfig | None:
+    """The broker's CURVE settings, checked now: a bad key file ends the start in one line."""
+    if curve_secret_key is None and curve_authorized_keys is None:
+        return None
+    if curve_secret_key is None or curve_authorized_keys is None:
+        raise click.UsageError("--curve-secret-key and --curve-authorized-keys go together")
+    try:
+        load_key_pair(curve_secret_key)
+        load_authorized_keys(curve_authorized_keys)
+    except KeyFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    return CurveConfig(secret_key_file=curve_secret_key, authorized_keys_dir=curve_authorized_keys)
+
+
+def curve_client_options(env_prefix: str):
+    """The client side of CURVE: the broker's public key and this client's key pair."""
+    option = functools.partial(click.option, show_envvar=True)
+    return stack(
+        [
+            option(
+                "--curve-server-key",
+                metavar="FILE",
+                envvar=env_prefix + "CURVE_SERVER_KEY",
+                help="Connect with CURVE: the broker's public key (its .key file).",
+            ),
+            option(
+                "--curve-client-key",
+                metavar="FILE",
+                envvar=env_prefix + "CURVE_CLIENT_KEY",
+                help="With --curve-server-key: this client's key pair (a .key_secret file whose .key the broker allows).",
+            ),
+        ]
+    )
+
+
+def client_keys(curve_server_key: str | None, curve_client_key: str | None) -> ClientKeys | None:
+    if curve_server_key is None and curve_client_key is None:
+        return None
+    if curve_server_key is None or curve_client_key is None:
+        raise click.UsageError("--curve-server-key and --curve-client-key go together")
+    try:
+        return ClientKeys.load(curve_server_key, curve_client_key)
+    except KeyFileError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def http_security_options(env_prefix: str):
+    """A bearer token for the HTTP endpoints, and HTTPS."""
+    option = functools.partial(click.option, show_envvar=True)
+    return stack(
+        [
+            option(
+                "--http-token-file",
+                metavar="FILE",
+                envvar=env_prefix + "HTTP_TOKEN_FILE",
+                help="Every HTTP path but /healthz, /readyz and the console's page wants `Authorization: Bearer <the token in FILE>`.",
+            ),
+            option("--http-tls-cert", metavar="FILE", envvar=env_prefix + "HTTP_TLS_CERT", help="Serve HTTPS with this PEM certificate (chain)."),
+            option("--http-tls-key", metavar="FILE", envvar=env_prefix + "HTTP_TLS_KEY", help="The private key of --http-tls-cert (PEM)."),
+        ]
+    )
+
+
+def http_security(http_token_file: str | None, http_tls_cert: str | None, http_tls_key: str | None) -> HttpSecurity:
+    """The HTTP protection, checked now (the token read, the certificate loaded once)."""
+    from .httpauth import HttpSecurityError, read_token_file, tls_context  # aiohttp: only once a server starts
+
+    if (http_tls_cert is None) != (http_tls_key is None):
+        raise click.UsageError("--http-tls-cert and --http-tls-key go together")
+    try:
+        token = read_token_file(http_token_file) if http_token_file is not None else None
+        if http_tls_cert is not None:
+            tls_context(http_tls_cert, http_tls_key)
+    except HttpSecurityError as exc:
+        raise click.ClickException(str(exc)) from None
+    return HttpSecurity(token=token, tls_cert=http_tls_cert, tls_key=http_tls_key)

@@ -28,6 +28,7 @@ from . import host
 from .config import BrokerConfig
 from .dispatch import FrameDispatcher
 from .group_coordinator import GroupCoordinator
+from .httpauth import HttpSecurityError
 from .ingest import Ingest
 from .metrics import Metrics
 from .registry import RegistryStartError, TopicRegistry
@@ -96,6 +97,9 @@ class Broker:
             raise BrokerStartError(str(exc)) from None
         try:
             self._http, self.http_url = await start_http(self, cfg.http_host, cfg.http_port, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT_S)
+        except HttpSecurityError as exc:
+            await self.close()
+            raise BrokerStartError(str(exc)) from None
         except OSError as exc:
             await self.close()
             raise BrokerStartError(f"cannot listen for HTTP on {cfg.http_host}:{cfg.http_port}: {exc.strerror or exc}") from None
@@ -169,6 +173,14 @@ class Broker:
 
     def local_endpoint(self) -> str:
         return self.transport.local_endpoint()
+
+    def local_client_keys(self):
+        """With CURVE, the key pair this process's own workers connect with (broker.curve.ClientKeys); else None."""
+        return self.transport.local_client_keys()
+
+    def reload_keys(self) -> None:
+        """Read the CURVE authorized keys again (the standalone broker does on SIGHUP)."""
+        self.transport.reload_keys()
 
     def stats(self) -> dict:
         return self.statistics.stats()

@@ -1,5 +1,13 @@
 """The broker's ZeroMQ side: the ROUTER socket, the receive loop (frames in bursts), sending
-without waiting, and the connection monitor (counts of accepted, closed and failed connections).
+without waiting, and the connection monitor (counts of accepted, closed, failed and refused
+connections).
+
+With CURVE (--curve-secret-key, --curve-authorized-keys; broker.curve) the ROUTER is a CURVE
+server on every endpoint it binds, and a ZAP handler (pyzmq's ThreadAuthenticator, on its own
+thread so handshakes do not wait for a busy event loop) admits only the allow-listed public keys:
+a peer without an allowed key never gets a frame through. Refusals are counted by reason from
+the socket monitor and logged at a bounded rate. The embedded broker's own workers (ipc://) get a
+key pair made at start and allowed in memory only (`local_client_keys`).
 
 It knows nothing about what frames mean: the receive loop hands each frame to `handle` and
 calls `end_burst` once a burst has been handled (see broker.server for the wiring).
@@ -23,6 +31,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from . import protocol as p
 from .config import BrokerConfig
+from .curve import AllowList, ClientKeys, KeyFileError, load_authorized_keys, load_key_pair
 from .throttle import LogThrottle
 
 log = logging.getLogger("broker")
@@ -37,7 +46,13 @@ _CONNECTION_EVENTS = {
     zmq.EVENT_ACCEPT_FAILED: "accept_failed",
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed",
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused",
 }
+ZAP_DOMAIN = b"telemetry"
+# why a CURVE handshake failed: the peer's key is not allowed, it does not speak CURVE, or anything
+# else (its handshake does not decrypt, as with a wrong server key; not ZeroMQ; it left mid-way)
+REFUSED_UNKNOWN_KEY, REFUSED_NO_CURVE, REFUSED_BAD_HANDSHAKE = "unknown_key", "no_curve", "bad_handshake"
+_REFUSALS = {zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: REFUSED_NO_CURVE}
 
 
 class TransportStartError(Exception):
@@ -48,21 +63,45 @@ class Transport:
     def __init__(self, config: BrokerConfig, throttle: LogThrottle):
         self.config = config
         self.url = ""
-        self.connections: Counter = Counter()  # accepted, closed, handshake_failed, accept_failed
+        self.connections: Counter = Counter()  # accepted, closed, handshake_failed, accept_failed, refused
+        self.refused: Counter = Counter()  # CURVE refusals by reason (REFUSED_*)
         self._throttle = throttle
         self._ctx: zmq.Context | None = None
         self._router: zmq.Socket | None = None
         self._monitor: zmq.asyncio.Socket | None = None
         self._readable = asyncio.Event()  # the ROUTER may have frames to read (see receive)
         self._ipc_dir: str | None = None
+        self._authenticator = None  # zmq.auth.thread.ThreadAuthenticator, with CURVE
+        self._allowed = AllowList()
+        self._local_keys: ClientKeys | None = None
+        self._server_public = b""
 
     def bind(self) -> None:
         """Bind the ROUTER (port 0 picks a free port) and start its monitor. Raises TransportStartError."""
         cfg = self.config
+        if cfg.curve is not None:
+            try:
+                self._server_public, server_secret = load_key_pair(cfg.curve.secret_key_file)
+                self._allowed.keys = load_authorized_keys(cfg.curve.authorized_keys_dir)
+            except KeyFileError as exc:
+                raise TransportStartError(str(exc)) from None
+            log.info("Broker: CURVE on: %d client keys allowed (from %s)", len(self._allowed.keys), cfg.curve.authorized_keys_dir)
+            if not self._allowed.keys:
+                log.warning("Broker: no client keys in %s: every ZeroMQ client is refused until keys are added and SIGHUP sent", cfg.curve.authorized_keys_dir)
         # the ROUTER is a plain socket driven by the loop's reader callback (see receive): no
         # future per frame; only the monitor, which is rare, is awaited through zmq.asyncio
         self._ctx = zmq.Context()
+        if cfg.curve is not None:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            self._authenticator = ThreadAuthenticator(self._ctx, log=logging.getLogger("broker.zap"))
+            self._authenticator.start()
+            self._authenticator.configure_curve_callback(ZAP_DOMAIN.decode(), self._allowed)
         router = self._ctx.socket(zmq.ROUTER)
+        if cfg.curve is not None:
+            router.setsockopt(zmq.CURVE_SERVER, 1)
+            router.setsockopt(zmq.CURVE_SECRETKEY, server_secret)
+            router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, p.frame_limit(cfg.max_message_bytes))  # larger: ZeroMQ drops the connection
         router.setsockopt(zmq.RCVHWM, 10_000)
@@ -72,6 +111,7 @@ class Transport:
             router.bind(f"tcp://{cfg.host}:{cfg.port or '*'}")
         except zmq.ZMQError as exc:
             router.close()
+            self._stop_authenticator()
             self._ctx.term()
             self._ctx = None
             raise TransportStartError(f"cannot listen for ZeroMQ on {cfg.host}:{cfg.port}: {exc.strerror}") from None
@@ -81,6 +121,44 @@ class Transport:
         router.monitor(monitor_url, sum(_CONNECTION_EVENTS))  # distinct bits: the sum is their union
         self._monitor = zmq.asyncio.Context.shadow(self._ctx).socket(zmq.PAIR)
         self._monitor.connect(monitor_url)
+
+    @property
+    def curve(self) -> bool:
+        return self._authenticator is not None
+
+    def reload_keys(self) -> None:
+        """Read the authorized keys directory again (SIGHUP). New handshakes see the new set; a
+        connection already made with a key now removed stays open until it reconnects. On an
+        error the old set stays."""
+        if self.config.curve is None:
+            log.info("Broker: SIGHUP: no CURVE keys to reload")
+            return
+        directory = self.config.curve.authorized_keys_dir
+        try:
+            keys = load_authorized_keys(directory)
+        except KeyFileError as exc:
+            log.error("Broker: authorized keys not reloaded (%s); keeping the %d keys in use", exc, len(self._allowed.keys))
+            return
+        old = self._allowed.keys - self._local_only()
+        added, removed = len(keys - old), len(old - keys)
+        self._allowed.keys = keys | self._local_only()
+        log.info("Broker: authorized keys reloaded from %s: %d keys (%d added, %d removed)", directory, len(keys), added, removed)
+        if removed:
+            log.warning("Broker: connections already open with a removed key stay open until they reconnect (restart the broker to cut them)")
+
+    def _local_only(self) -> frozenset[bytes]:
+        return frozenset((self._local_keys.public,)) if self._local_keys is not None else frozenset()
+
+    def local_client_keys(self) -> ClientKeys | None:
+        """With CURVE: a key pair for this process's own workers, made now and allowed in memory
+        only (it is never written anywhere; the workers get it through their spawn arguments)."""
+        if not self.curve:
+            return None
+        if self._local_keys is None:
+            public, secret = zmq.curve_keypair()
+            self._local_keys = ClientKeys(self._server_public, public, secret)
+            self._allowed.keys = self._allowed.keys | {public}
+        return self._local_keys
 
     def local_endpoint(self) -> str:
         """An extra endpoint for producers on this machine: a Unix socket (ipc://), in Linux's
@@ -161,8 +239,15 @@ class Transport:
             name = _CONNECTION_EVENTS.get(event["event"])
             if name is None:
                 continue
+            if name == "handshake_failed" and self.curve:  # with CURVE, any failed handshake is a refusal
+                name = "refused"
             self.connections[name] += 1
-            if name == "accept_failed" and self._throttle.may_log(name):
+            if name == "refused":
+                reason = REFUSED_UNKNOWN_KEY if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH else _REFUSALS.get(event["value"], REFUSED_BAD_HANDSHAKE)
+                self.refused[reason] += 1
+                if self._throttle.may_log("refused"):
+                    log.warning("Broker: refused a ZeroMQ client (%s); %d refused so far", reason.replace("_", " "), self.connections[name])
+            elif name == "accept_failed" and self._throttle.may_log(name):
                 log.warning("Broker: cannot accept a connection (%s); %d so far", os.strerror(event["value"]), self.connections[name])
             elif name == "handshake_failed" and self._throttle.may_log(name):
                 log.warning("Broker: a peer that does not speak ZeroMQ was disconnected; %d so far", self.connections[name])
@@ -175,7 +260,14 @@ class Transport:
             "closed": c["closed"],
             "handshake_failed": c["handshake_failed"],
             "accept_failed": c["accept_failed"],
+            "refused": c["refused"],
+            "refused_by_reason": dict(self.refused),
         }
+
+    def _stop_authenticator(self) -> None:
+        if self._authenticator is not None:
+            self._authenticator.stop()
+            self._authenticator = None
 
     def close(self) -> None:
         """Close the monitor and the ROUTER; frames already queued (the goodbyes) get CLOSE_LINGER_MS to leave."""
@@ -186,6 +278,7 @@ class Transport:
         if self._router is not None:
             self._router.close(linger=CLOSE_LINGER_MS)
             self._router = None
+        self._stop_authenticator()
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None

@@ -16,7 +16,17 @@ import sys
 import click
 
 from broker.config import BrokerConfig
-from broker.options import consumer_options, persistence_config, persistence_options
+from broker.options import (
+    client_keys,
+    consumer_options,
+    curve_client_options,
+    curve_config,
+    curve_server_options,
+    http_security,
+    http_security_options,
+    persistence_config,
+    persistence_options,
+)
 from broker.protocol import MAX_MESSAGE_BYTES
 from common import commandline
 from common.logsetup import FORMATS, LEVELS, setup_logging
@@ -269,6 +279,9 @@ def _column_types(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
 @consumer_options(ENV_PREFIX)
 @persistence_options(ENV_PREFIX)
 @nats_options()
+@curve_server_options(ENV_PREFIX)
+@curve_client_options(ENV_PREFIX)
+@http_security_options(ENV_PREFIX)
 @option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="info", envvar=env("LOG_LEVEL"), help="Least severe level logged.")
 @option("--log-format", type=click.Choice(FORMATS), default="text", envvar=env("LOG_FORMAT"), help="text for people, json for log pipelines.")
 def command(
@@ -308,11 +321,28 @@ def command(
     nats_max_age,
     nats_duplicate_window,
     nats_connect_wait,
+    curve_secret_key,
+    curve_authorized_keys,
+    curve_server_key,
+    curve_client_key,
+    http_token_file,
+    http_tls_cert,
+    http_tls_key,
     **persistence,
 ):
     """Stream a CSV file's rows as timestamped JSON messages into a topic, from N worker processes."""
     if persistence["persistence"] and broker_url:
         raise click.UsageError("--persistence belongs to the broker: with --broker-url, give it to `telemetry-broker serve` instead")
+    if broker_url and (curve_secret_key or curve_authorized_keys):
+        raise click.UsageError(
+            "--curve-secret-key/--curve-authorized-keys belong to the broker: with --broker-url, give --curve-server-key and --curve-client-key"
+        )
+    if not broker_url and (curve_server_key or curve_client_key):
+        raise click.UsageError(
+            "--curve-server-key/--curve-client-key are for --broker-url (the embedded broker takes --curve-secret-key and --curve-authorized-keys)"
+        )
+    if is_nats_url(broker_url) and (curve_server_key or curve_client_key):
+        raise click.UsageError("--curve-* keys are for our broker (tcp://): NATS takes --nats-creds, --nats-nkey or --nats-tls-*")
     replay_values = {name: persistence.pop(name) for name in REPLAY_OPTIONS}  # the rest are persistence options
     persistence_cfg = persistence_config(**persistence)
     if http_port is None:
@@ -333,6 +363,9 @@ def command(
         )
     elif nats_create_stream or nats_creds or nats_nkey or nats_tls_ca or nats_tls_cert:
         raise click.UsageError("--nats-* options need a nats:// or tls:// --broker-url")
+    curve_cfg = curve_config(curve_secret_key, curve_authorized_keys)
+    curve_client = client_keys(curve_server_key, curve_client_key)
+    http_cfg = http_security(http_token_file, http_tls_cert, http_tls_key)
     try:
         paths = expand(csv_specs)
     except InputError as exc:
@@ -376,10 +409,12 @@ def command(
             log_format=log_format,
             replay=replay_cfg,
             nats=nats,
+            curve=curve_client,
         ),
         progress=not replay_values["no_progress"] and sys.stderr.isatty(),
         http_host=http_host,
         http_port=http_port,
+        http_security=http_cfg,
         broker=None
         if broker_url
         else BrokerConfig(
@@ -393,6 +428,8 @@ def command(
             subscriber_queue=subscriber_queue,
             ack_timeout_s=ack_timeout,
             max_deliveries=max_deliveries,
+            curve=curve_cfg,
+            http_security=http_cfg,
         ),
     )
     setup_logging(log_level, log_format, component="streamer")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from broker.config import BrokerConfig
+from broker.config import BrokerConfig, HttpSecurity
+from broker.curve import ClientKeys
 from common.natsconn import NatsConnection
 
 from .csvsource import CsvFormat
@@ -72,6 +73,7 @@ class WorkerConfig:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     anchor_ns: int = 0  # wall time (ns) every worker's schedule and shifted timestamps start from; set by the supervisor
     nats: NatsConfig | None = None  # set when broker_url is nats:// or tls://
+    curve: ClientKeys | None = None  # connect with CURVE (--curve-server-key/--curve-client-key, or the embedded broker's own pair)
 
 
 @dataclass(frozen=True)
@@ -81,4 +83,5 @@ class StreamerConfig:
     broker: BrokerConfig | None  # the embedded broker's config, None with --broker-url
     http_host: str = "127.0.0.1"  # with --broker-url: the streamer's own /healthz, /readyz, /metrics
     http_port: int = 8080
+    http_security: HttpSecurity = HttpSecurity()  # with --broker-url: the streamer's own HTTP (embedded: in `broker`)
     progress: bool = False  # a progress bar on the terminal

@@ -3,6 +3,8 @@ workers' metrics. (With the embedded broker, its HTTP serves these, with the bro
 
     GET /          the web console (broker.webconsole), showing what /stats has
 
+--http-token-file, --http-tls-cert/--http-tls-key protect it as they do the broker's (broker.httpauth).
+
     GET /healthz   200 while the streamer runs (also while it drains)
     GET /readyz    200 while streaming, 503 from the moment a drain begins
     GET /metrics   the workers' counters, Prometheus text format
@@ -25,7 +27,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from broker.http import json_errors, json_response, serve_app
+from broker.config import HttpSecurity
+from broker.http import json_errors, json_response, secured_app, serve_app
 from broker.webconsole import add_console
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -135,8 +138,9 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(request.app[SUPERVISOR].registry), headers={"Content-Type": CONTENT_TYPE})
 
 
-async def start_health(supervisor, host: str, port: int) -> tuple[web.AppRunner, str]:
-    app = web.Application(middlewares=[json_errors])
+async def start_health(supervisor, host: str, port: int, security: HttpSecurity = HttpSecurity()) -> tuple[web.AppRunner, str]:
+    """Serve on host:port; with `security`, the token on every path but the probes and the console's page, and HTTPS."""
+    app = secured_app(security, json_errors)
     app[SUPERVISOR] = supervisor
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -144,7 +148,7 @@ async def start_health(supervisor, host: str, port: int) -> tuple[web.AppRunner,
     app.router.add_get("/stats", _stats)
     app.router.add_get("/stats/{topic}", _topic_stats)
     add_console(app)
-    return await serve_app(app, host, port)
+    return await serve_app(app, host, port, security=security)
 
 
 def new_registry(supervisor) -> CollectorRegistry:

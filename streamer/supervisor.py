@@ -22,6 +22,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
+from broker.httpauth import HttpSecurityError
 from broker.server import Broker, BrokerStartError
 
 from . import health, worker
@@ -121,6 +122,7 @@ class Supervisor:
         self.slots = [WorkerSlot(i) for i in range(cfg.workers)]
         self.should_exit = asyncio.Event()
         self.force_exit = asyncio.Event()
+        self.reload_keys = asyncio.Event()  # SIGHUP, with the embedded broker's CURVE: reread its authorized keys
         self.draining = False
         self._first_signal_at = 0.0
         self.registry = health.new_registry(self)  # the workers' metrics
@@ -147,9 +149,13 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        if self.cfg.broker is not None and self.cfg.broker.curve is not None:
+            loop.add_signal_handler(signal.SIGHUP, self.reload_keys.set)
         await self._start()
+        reloading = asyncio.create_task(self._reload_keys_on_sighup())
         progress = asyncio.create_task(self._show_progress()) if self.cfg.progress else None
         await self.should_exit.wait()
+        reloading.cancel()
         if progress is not None:
             progress.cancel()
             await asyncio.gather(progress, return_exceptions=True)
@@ -158,6 +164,12 @@ class Supervisor:
         forced = await self._drain()
         return await self._close(forced)
 
+    async def _reload_keys_on_sighup(self) -> None:
+        while True:
+            await self.reload_keys.wait()
+            self.reload_keys.clear()
+            self.broker.reload_keys()
+
     async def _start(self) -> None:
         cfg = self.cfg
         if cfg.broker is not None:
@@ -165,14 +177,17 @@ class Supervisor:
             await self.broker.start()  # raises BrokerStartError before any worker exists
             # the workers reach the embedded broker over a Unix socket: ~5-10% more messages
             # per CPU second than TCP loopback (docs/DESIGN.md)
-            self._worker_cfg = replace(cfg.worker, broker_url=self.broker.local_endpoint())
+            # with CURVE they connect with a key pair made now and allowed in memory only
+            self._worker_cfg = replace(cfg.worker, broker_url=self.broker.local_endpoint(), curve=self.broker.local_client_keys())
             self.broker.metrics.registry.register(health.WorkerCollector(self))  # one scrape: broker and workers
             self.broker.workers_stats = (self._worker_cfg.topic, self.worker_stats)  # and one /stats
         else:
             if cfg.worker.nats is not None:
                 await self._prepare_nats()
             try:
-                self._health, url = await health.start_health(self, cfg.http_host, cfg.http_port)
+                self._health, url = await health.start_health(self, cfg.http_host, cfg.http_port, cfg.http_security)
+            except HttpSecurityError as exc:
+                raise BrokerStartError(str(exc)) from None
             except OSError as exc:
                 raise BrokerStartError(f"cannot listen for HTTP on {cfg.http_host}:{cfg.http_port}: {exc.strerror or exc}") from None
             log.info("Streamer HTTP %s (/healthz, /readyz, /metrics)", url)

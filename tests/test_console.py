@@ -3,14 +3,12 @@ browser: `playwright install` is not used). The page is served by the real proce
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import re
 import shutil
 import signal
 import socket
-import threading
+from urllib.parse import urlsplit
 
 import pytest
 import zmq
@@ -57,9 +55,11 @@ def browser():
 class Page:
     """A page with every console message and uncaught error it produced."""
 
-    def __init__(self, browser, url: str, width: int = 1280, height: int = 900, color_scheme: str = "light"):
+    def __init__(self, browser, url: str, width: int = 1280, height: int = 900, color_scheme: str = "light", on_request=None):
         self.context = browser.new_context(viewport={"width": width, "height": height}, color_scheme=color_scheme)
         self.page = self.context.new_page()
+        if on_request is not None:
+            self.page.on("request", on_request)
         self.page.set_default_timeout(20_000)
         self.errors: list[str] = []
         self.page.on("console", lambda m: self.errors.append(f"console.{m.type}: {m.text}") if m.type in ("error", "warning") else None)
@@ -217,89 +217,51 @@ def test_console_survives_a_broker_restart_and_serves_the_streamer(browser, proc
     assert streamer.wait() == 0
 
 
-@contextlib.contextmanager
-def token_gate(upstream: str, token: str):
-    """A real HTTP server in front of `upstream` that wants `Authorization: Bearer <token>` on every
-    path except /healthz, /readyz and the console's own files (the rule --http-token-file is to
-    follow), streaming answers through as they come. Yields (its URL, the requests it saw)."""
-    from aiohttp import ClientSession, ClientTimeout, web
-
-    seen: list[tuple[str, str | None]] = []
-    loop = asyncio.new_event_loop()
-    state = {}
-
-    async def forward(request: web.Request) -> web.StreamResponse:
-        authorization = request.headers.get("Authorization")
-        seen.append((request.path_qs, authorization))
-        if not (is_public(request.path) or request.path in ("/healthz", "/readyz")) and authorization != f"Bearer {token}":
-            return web.json_response({"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"})
-        headers = {k: v for k, v in request.headers.items() if k.lower() in ("accept", "last-event-id")}
-        async with state["session"].get(upstream + request.path_qs, headers=headers) as answer:
-            response = web.StreamResponse(status=answer.status, headers={"Content-Type": answer.headers.get("Content-Type", "text/plain")})
-            await response.prepare(request)
-            async for chunk in answer.content.iter_any():
-                await response.write(chunk)
-            return response
-
-    async def start() -> str:
-        state["session"] = ClientSession(timeout=ClientTimeout(total=None))
-        app = web.Application()
-        app.router.add_get("/{path:.*}", forward)
-        state["runner"] = runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        return f"http://127.0.0.1:{runner.addresses[0][1]}"
-
-    async def stop() -> None:
-        await state["runner"].cleanup()
-        await state["session"].close()
-
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield asyncio.run_coroutine_threadsafe(start(), loop).result(10), seen
-    finally:
-        asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+def path_qs(url: str) -> str:
+    parts = urlsplit(url)
+    return parts.path + ("?" + parts.query if parts.query else "")
 
 
-def test_console_asks_for_a_token_once_and_sends_it_in_a_header(browser, procs, sample_csv):
-    proc, upstream = start_streamer(sample_csv, "--workers=1", "--rate=20")
+def test_console_asks_for_a_token_once_and_sends_it_in_a_header(browser, procs, sample_csv, tmp_path):
+    """The streamer's embedded broker with the real --http-token-file: the page asks for the
+    token on the first 401 and sends it in a header on every request, the live tail's too."""
+    token = "s3cret-" + os.urandom(8).hex()
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    proc, url = start_streamer(sample_csv, "--workers=1", "--rate=20", f"--http-token-file={token_file}")
     procs.append(proc)
     zmq_url = proc.wait_for_line(r"ZeroMQ (\S+),").group(1)
-    token = "s3cret-" + os.urandom(8).hex()
-    with token_gate(upstream, token) as (url, seen):
-        view = Page(browser, url + "/")
-        page = view.page
-        try:
-            page.locator("#token-dialog[open]").wait_for()
-            assert page.locator("#topics-section").is_hidden() and page.locator("#tail-section").is_hidden()
-            assert "worker-0" not in page.content() and page.locator("#overview .card").count() == 0  # nothing before the token
+    assert get_json(url + "/stats")[0] == 401 and get_json(url + "/healthz")[0] == 200  # the server itself wants it
+    requests = []  # every request the page made (Playwright's view of the network)
+    view = Page(browser, url + "/", on_request=lambda request: requests.append(request))
+    page = view.page
+    try:
+        page.locator("#token-dialog[open]").wait_for()
+        assert page.locator("#topics-section").is_hidden() and page.locator("#tail-section").is_hidden()
+        assert "worker-0" not in page.content() and page.locator("#overview .card").count() == 0  # nothing before the token
 
-            page.fill("#token-input", "wrong")
-            page.click("#token-form button[type=submit]")
-            page.locator("#token-error", has_text="refused").wait_for()
-            assert page.locator("#topics-section").is_hidden()
+        page.fill("#token-input", "wrong")
+        page.click("#token-form button[type=submit]")
+        page.locator("#token-error", has_text="refused").wait_for()
+        assert page.locator("#topics-section").is_hidden()
 
-            page.fill("#token-input", token)
-            page.click("#token-form button[type=submit]")
-            page.locator("#topics-table button.pick", has_text="telemetry").wait_for()
-            assert page.locator("#token-dialog[open]").count() == 0
-            page.locator("#tail li pre").first.wait_for()
-            marker = "with-token-" + os.urandom(4).hex()
-            publish_marker(zmq_url, marker)
-            page.locator("#tail li pre", has_text=marker).wait_for()
+        page.fill("#token-input", token)
+        page.click("#token-form button[type=submit]")
+        page.locator("#topics-table button.pick", has_text="telemetry").wait_for()
+        assert page.locator("#token-dialog[open]").count() == 0
+        page.locator("#tail li pre").first.wait_for()
+        marker = "with-token-" + os.urandom(4).hex()
+        publish_marker(zmq_url, marker)
+        page.locator("#tail li pre", has_text=marker).wait_for()
 
-            page.reload()  # the token is kept for the tab: not asked again
-            page.locator("#topics-table button.pick", has_text="telemetry").wait_for()
-            assert page.locator("#token-dialog[open]").count() == 0
-        finally:
-            view.close()
-        streams = [auth for path, auth in seen if path.startswith("/topics/telemetry/stream")]
-        assert streams and streams[-1] == f"Bearer {token}"  # the live tail too, through fetch()
-        assert all(token not in path for path, _ in seen)  # never in a URL
-        assert [path for path, auth in seen if auth is None and not is_public(path.split("?")[0])] == ["/stats"]  # the first try only
-        assert [e for e in view.errors if "401" not in e] == []  # the browser logs each refused request
+        page.reload()  # the token is kept for the tab: not asked again
+        page.locator("#topics-table button.pick", has_text="telemetry").wait_for()
+        assert page.locator("#token-dialog[open]").count() == 0
+        seen = [(path_qs(r.url), r.all_headers().get("authorization")) for r in requests if r.url.startswith(url)]
+    finally:
+        view.close()
+    streams = [auth for path, auth in seen if path.startswith("/topics/telemetry/stream")]
+    assert streams and streams[-1] == f"Bearer {token}"  # the live tail too, through fetch()
+    assert all(token not in path for path, _ in seen)  # never in a URL
+    assert [path for path, auth in seen if auth is None and not is_public(path.split("?")[0])] == ["/stats"]  # the first try only
+    assert [e for e in view.errors if "401" not in e] == []  # the browser logs each refused request

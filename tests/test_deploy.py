@@ -86,7 +86,7 @@ def test_manifests_validate_strictly_against_the_kubernetes_schemas(rendered, tm
     path.write_text(rendered)
     result = subprocess.run([find_tool("kubernetes-validate"), "--strict", str(path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("passed") == len(objects(rendered)) == 5
+    assert result.stdout.count("passed") == len(objects(rendered)) == 7
 
 
 def test_rendered_deployment_keeps_the_seed_settings(rendered):
@@ -225,6 +225,85 @@ def test_nats_overlay_points_the_streamer_at_the_cluster(nats_rendered):
     url = [a for a in args if a.startswith("--broker-url=")][0].split("=", 1)[1]
     assert valid_nats_url(url) and [u.split("//")[1] for u in url.split(",")] == [f"nats-{i}.nats:4222" for i in range(3)]
     assert {"--nats-create-stream", "--nats-replicas=3", "--workers=5", "--csv=/data/gpu_metrics.csv"} <= set(args)
+    # CURVE keys are for our broker (the streamer refuses them with a NATS URL): only the token is set
+    assert [e["name"] for e in container["env"]] == ["TELEMETRY_STREAMER_HTTP_TOKEN_FILE"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz" and container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     shutdown = int([a for a in args if a.startswith("--shutdown-timeout=")][0].split("=")[1])
     assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > shutdown
+
+
+def pod_selected(policy: dict, workload: dict) -> bool:
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    return policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+
+
+def test_network_policies_open_zeromq_to_producers_and_consumers_and_http_to_monitoring(rendered):
+    objs = objects(rendered)
+    broker, streamer = objs["StatefulSet/mq-broker"], objs["Deployment/telemetry-streamer"]
+    policy = objs["NetworkPolicy/mq-broker"]
+    assert pod_selected(policy, broker) and not pod_selected(policy, streamer)
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    rules = {tuple(p["port"] for p in rule["ports"]): rule["from"] for rule in policy["spec"]["ingress"]}
+    assert set(rules) == {("zmq",), ("http",)}  # nothing else is reachable
+    zmq_from = rules[("zmq",)]
+    assert all(set(peer) == {"podSelector"} for peer in zmq_from)  # pods of this namespace only
+    assert {"app.kubernetes.io/name": "telemetry-streamer"} in [peer["podSelector"]["matchLabels"] for peer in zmq_from]
+    assert {"telemetry-consumer": "true"} in [peer["podSelector"]["matchLabels"] for peer in zmq_from]
+    assert streamer["spec"]["template"]["metadata"]["labels"].items() >= {"app.kubernetes.io/name": "telemetry-streamer"}.items()
+    assert rules[("http",)] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    container_ports = {p["name"]: p["containerPort"] for p in broker["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert container_ports == {"zmq": 5555, "http": 8080}  # the named ports the policy opens
+
+    own = objs["NetworkPolicy/telemetry-streamer"]
+    assert pod_selected(own, streamer) and not pod_selected(own, broker)
+    assert [(tuple(p["port"] for p in r["ports"]), r["from"]) for r in own["spec"]["ingress"]] == [(("http",), rules[("http",)])]
+
+
+def secret_files(pod: dict, container: dict) -> dict[str, tuple[str, str | None]]:
+    """Mounted path -> (Secret name, key or None for the whole Secret as a directory)."""
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    found = {}
+    for mount in container["volumeMounts"]:
+        secret = volumes.get(mount["name"], {}).get("secret")  # (not in volumes: a volumeClaimTemplate)
+        if secret is None:
+            continue
+        assert mount["readOnly"] is True
+        assert secret["defaultMode"] & 0o007 == 0  # not world-readable
+        if "items" in secret:
+            for item in secret["items"]:
+                found[f"{mount['mountPath']}/{item['path']}"] = (secret["secretName"], item["key"])
+        else:
+            found[mount["mountPath"]] = (secret["secretName"], None)
+    return found
+
+
+@pytest.mark.parametrize("workload, command", [("StatefulSet/mq-broker", ["broker", "serve"]), ("Deployment/telemetry-streamer", ["streamer"])])
+def test_keys_and_token_come_from_secrets_through_real_options(rendered, workload, command):
+    obj = objects(rendered)[workload]
+    pod = obj["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    files = secret_files(pod, container)
+    env = {e["name"]: e["value"] for e in container["env"]}
+    prefix = "TELEMETRY_BROKER_" if command[0] == "broker" else "TELEMETRY_STREAMER_"
+    wanted = ["HTTP_TOKEN_FILE", *(["CURVE_SECRET_KEY", "CURVE_AUTHORIZED_KEYS"] if command[0] == "broker" else ["CURVE_SERVER_KEY", "CURVE_CLIENT_KEY"])]
+    assert set(env) == {prefix + name for name in wanted}
+    for name, path in env.items():
+        assert path in files, (name, path)  # every file an option names is in a mounted Secret
+    if command[0] == "broker":
+        assert files[env[prefix + "CURVE_AUTHORIZED_KEYS"]] == ("telemetry-authorized-keys", None)
+        assert files[env[prefix + "CURVE_SECRET_KEY"]][1] == "broker.key_secret"
+    else:
+        assert files[env[prefix + "CURVE_SERVER_KEY"]][1] == "broker.key"  # only the broker's public half
+        assert "broker.key_secret" not in {key for _, key in files.values()}
+    help_text = subprocess.run([sys.executable, "-m", *command, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+    for name in env:
+        assert name in help_text, name  # the programs read these variables
+    assert pod["securityContext"]["fsGroup"] == 10001  # the group the 0440 files are readable by
+
+
+def test_every_emptydir_has_a_size_limit(rendered):
+    for name, obj in objects(rendered).items():
+        if obj["kind"] in ("Deployment", "StatefulSet"):
+            for volume in obj["spec"]["template"]["spec"]["volumes"]:
+                if "emptyDir" in volume:
+                    assert volume["emptyDir"].get("sizeLimit"), (name, volume["name"])

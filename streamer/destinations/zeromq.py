@@ -9,4 +9,4 @@ from broker.client import Publisher
 
 class ZeroMQDestination(Publisher):
     def __init__(self, cfg):
-        super().__init__(cfg.broker_url, cfg.topic, window=cfg.buffer_messages)
+        super().__init__(cfg.broker_url, cfg.topic, window=cfg.buffer_messages, curve=cfg.curve)
