@@ -559,3 +559,11 @@ def test_a_slow_profile_wakes_when_a_message_is_due_not_every_tick():
     assert len(sent) == 20
     assert sent[:3] == pytest.approx([0.5, 1.0, 1.5], abs=0.011)  # each as it falls due
     assert CountingLoop.iterations < 400  # waking every 10 ms would take over 1000
+
+
+def test_a_repeated_profile_loops_and_never_finishes():
+    profile = parse_profile("hold 10 1s; ramp 10 0 1s", repeat=True)
+    assert profile.count(2.0) == pytest.approx(15.0) and profile.count(4.5) == pytest.approx(30 + 10 * 0.5)
+    assert not profile.finished(1000.0) and profile.state(2.25)["step"] == 1 and profile.state(3.5)["text"] == "ramp 10 0 1s"
+    once = parse_profile("hold 10 1s; ramp 10 0 1s")
+    assert once.finished(2.0) and once.count(10.0) == pytest.approx(15.0) and once.state(5.0)["finished"]
