@@ -215,6 +215,8 @@ def replay_config(values: dict, *, workers: int, columns: list[str], first_row, 
         profile=profile,
         workers=workers,
     )
+    if read_once and cfg == ReplayConfig(passes=1, workers=workers):
+        cfg = ReplayConfig(workers=workers)  # --once: a read-once input is read once anyway, and then the streamer drains and exits
     if read_once and cfg.active:
         raise click.UsageError(
             "the replay options (--passes, --once, --filter, --shard, --pace, --timestamps, ...) need inputs that can be read again, not standard input or a FIFO"

@@ -567,3 +567,20 @@ def test_a_repeated_profile_loops_and_never_finishes():
     assert not profile.finished(1000.0) and profile.state(2.25)["step"] == 1 and profile.state(3.5)["text"] == "ramp 10 0 1s"
     once = parse_profile("hold 10 1s; ramp 10 0 1s")
     assert once.finished(2.0) and once.count(10.0) == pytest.approx(15.0) and once.state(5.0)["finished"]
+
+
+def test_standard_input_takes_once_but_not_the_options_that_read_again():
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "streamer", "--csv=-", "--broker-port=0", "--http-port=0", "--rate=0", *args],
+            cwd=ROOT,
+            input="a,b\n1,2\n3,4\n",
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    once = run("--once")
+    assert once.returncode == 0 and "published=2" in once.stderr, once.stderr
+    shard = run("--once", "--filter=a=1")
+    assert shard.returncode == 2 and "need inputs that can be read again" in shard.stderr and "Traceback" not in shard.stderr
