@@ -169,6 +169,15 @@ def replay_config(values: dict, *, workers: int, columns: list[str], first_row, 
         if passes not in (None, 1):
             raise click.UsageError("--once is --passes 1: give one of them")
         passes = 1
+    rate = values["total_rate"] / workers if values["total_rate"] is not None else None
+    if read_once:  # standard input or a FIFO: one pass, nothing known in advance
+        reading_again = (passes or 1) > 1 or values["filters"] or values["key_columns"] or values["shard"] or values["counter_columns"]
+        if reading_again or values["pace"] != "rate" or values["timestamps"] != "now" or values["profile"] or values["timestamp_column"]:
+            raise click.UsageError(
+                "the replay options (--passes, --filter, --key-columns, --shard, --pace, --timestamps, --profile, ...) need inputs that can be read again,"
+                " not standard input or a FIFO (--once is fine: such an input is read once anyway)"
+            )
+        return ReplayConfig(workers=workers), rate
     known = set(columns)
 
     def check(names, option):
@@ -192,12 +201,12 @@ def replay_config(values: dict, *, workers: int, columns: list[str], first_row, 
     needs_time = values["pace"] == "timestamps" or values["timestamps"] != "now"
     if column:
         check([column], "--timestamp-column")
-    elif needs_time and not read_once:
+    elif needs_time:
         fields = orjson.loads(first_row())
         column = find_time_column(fields)
         if column is None:
             raise click.UsageError("no column named like timestamp/time/ts with a time in the first row: name it with --timestamp-column")
-    if column and not read_once and needs_time:
+    if column and needs_time:
         value = orjson.loads(first_row()).get(column)
         if parse_time_ns(value) is None:
             raise click.BadParameter(f"{value!r} in the first row of column {column!r} is not a time", param_hint="'--timestamp-column'")
@@ -215,11 +224,4 @@ def replay_config(values: dict, *, workers: int, columns: list[str], first_row, 
         profile=profile,
         workers=workers,
     )
-    if read_once and cfg == ReplayConfig(passes=1, workers=workers):
-        cfg = ReplayConfig(workers=workers)  # --once: a read-once input is read once anyway, and then the streamer drains and exits
-    if read_once and cfg.active:
-        raise click.UsageError(
-            "the replay options (--passes, --once, --filter, --shard, --pace, --timestamps, ...) need inputs that can be read again, not standard input or a FIFO"
-        )
-    rate = values["total_rate"] / workers if values["total_rate"] is not None else None
     return cfg, rate
