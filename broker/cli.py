@@ -325,7 +325,7 @@ class _GroupReader:
 
 @command.command()
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--name", default="broker", show_default=True, help="The files' name: DIRECTORY/NAME.key (public) and NAME.key_secret (private, 0600).")
+@option("--name", default="broker", envvar=env("KEYGEN_NAME"), help="The files' name: DIRECTORY/NAME.key (public) and NAME.key_secret (private, 0600).")
 def keygen(directory, name):
     """Make a CURVE key pair (pyzmq's zmq.auth format): one for the broker, one per client.
 

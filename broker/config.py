@@ -27,7 +27,7 @@ class CurveConfig:
 
 @dataclass(frozen=True)
 class HttpSecurity:
-    """The HTTP side's protection (broker.httpauth): a bearer token, HTTPS."""
+    """The HTTP side's protection (common.httpauth): a bearer token, HTTPS."""
 
     token: str | None = None  # every endpoint but /healthz, /readyz and the console's files wants it
     tls_cert: str | None = None  # both set: HTTPS

@@ -1,6 +1,6 @@
 """The broker's HTTP side (aiohttp): statistics, health, the live stream and the web console.
 
-    GET /                 the web console (broker.webconsole; its files under /console/)
+    GET /                 the web console (common.webconsole; its files under /console/)
     GET /stats            every topic's stats, and broker-wide counters
     GET /stats/<topic>    one topic's stats; 404 with a JSON error if the topic is unknown
     GET /healthz          200 while the broker is serving; 503 while a topic's log cannot be written
@@ -20,7 +20,7 @@
 Every error, including unknown paths and wrong methods, is a JSON object {"error": ...}.
 With --http-token-file every path but /healthz, /readyz and the console's files wants
 `Authorization: Bearer <token>` (401 otherwise); with --http-tls-cert/--http-tls-key it is HTTPS
-(broker.httpauth).
+(common.httpauth; the shared helpers are in common.web).
 """
 
 from __future__ import annotations
@@ -31,33 +31,16 @@ import logging
 import orjson
 from aiohttp import web
 
-from .config import HttpSecurity
-from .httpauth import tls_context, token_middleware
+from common.web import json_errors, json_response, secured_app, serve_app
+from common.webconsole import add_console
+
 from .protocol import SEPARATOR
 from .subscriptions import SSE_SHUTDOWN
-from .webconsole import add_console
 
 log = logging.getLogger("broker.http")
 
 BROKER = web.AppKey("broker", object)
 SSE_RETRY_MS = 2000  # the reconnect delay the stream asks EventSource clients for
-
-
-def json_response(data: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
-
-
-@web.middleware
-async def json_errors(request: web.Request, handler):
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.content_type == "application/json":
-            raise
-        return json_response({"error": exc.reason, "path": request.path}, status=exc.status)
-    except Exception:
-        log.exception("HTTP: error while answering %s %s", request.method, request.path)
-        return json_response({"error": "internal error"}, status=500)
 
 
 async def _all_stats(request: web.Request) -> web.Response:
@@ -170,12 +153,6 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=request.app[BROKER].metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
-def secured_app(security: HttpSecurity, *middlewares) -> web.Application:
-    """An application that wants the token first (if there is one), then runs `middlewares`."""
-    first = [token_middleware(security.token)] if security.token else []
-    return web.Application(middlewares=[*first, *middlewares])
-
-
 def make_app(broker) -> web.Application:
     app = secured_app(broker.config.http_security, json_errors)
     app[BROKER] = broker
@@ -192,25 +169,3 @@ def make_app(broker) -> web.Application:
 async def start_http(broker, host: str, port: int, shutdown_timeout: float = 60.0) -> tuple[web.AppRunner, str]:
     """Serve the broker's app on host:port (0 picks a free port); returns the runner and the base URL."""
     return await serve_app(make_app(broker), host, port, shutdown_timeout, security=broker.config.http_security)
-
-
-async def serve_app(
-    app: web.Application, host: str, port: int, shutdown_timeout: float = 60.0, security: HttpSecurity | None = None
-) -> tuple[web.AppRunner, str]:
-    """Serve an app on host:port (0 picks a free port) in the running loop, over HTTPS if
-    `security` has a certificate; (runner, base URL). At cleanup, handlers still running after
-    `shutdown_timeout` s are cancelled. Raises OSError if the address cannot be bound,
-    HttpSecurityError if the certificate cannot be used."""
-    ssl_context = tls_context(security.tls_cert, security.tls_key) if security is not None and security.tls_cert else None
-    # handler_cancellation: a stream's handler ends when its client leaves, not at its next write
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True, shutdown_timeout=shutdown_timeout)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
-    try:
-        await site.start()
-    except OSError:
-        await runner.cleanup()
-        raise
-    bound_host, bound_port = runner.addresses[0][:2]
-    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    return runner, f"{'https' if ssl_context else 'http'}://{shown}:{bound_port}"

@@ -184,7 +184,7 @@ def http_security_options(env_prefix: str):
 
 def http_security(http_token_file: str | None, http_tls_cert: str | None, http_tls_key: str | None) -> HttpSecurity:
     """The HTTP protection, checked now (the token read, the certificate loaded once)."""
-    from .httpauth import HttpSecurityError, read_token_file, tls_context  # aiohttp: only once a server starts
+    from common.httpauth import HttpSecurityError, read_token_file, tls_context  # aiohttp: only once a server starts
 
     if (http_tls_cert is None) != (http_tls_key is None):
         raise click.UsageError("--http-tls-cert and --http-tls-key go together")

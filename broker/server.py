@@ -24,11 +24,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from common.httpauth import HttpSecurityError
+
 from . import host
 from .config import BrokerConfig
 from .dispatch import FrameDispatcher
 from .group_coordinator import GroupCoordinator
-from .httpauth import HttpSecurityError
 from .ingest import Ingest
 from .metrics import Metrics
 from .registry import RegistryStartError, TopicRegistry

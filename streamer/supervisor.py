@@ -21,8 +21,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
-from broker.httpauth import HttpSecurityError
 from broker.server import Broker, BrokerStartError
+from common.httpauth import HttpSecurityError
 
 from . import health, worker
 from .config import StreamerConfig
