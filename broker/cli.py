@@ -24,7 +24,7 @@ from common.options import Size, Timestamp
 from common.timefmt import rfc3339_ns
 
 from .config import BrokerConfig
-from .options import consumer_options, persistence_config, persistence_options
+from .options import consumer_options, limit_options, limits_config, persistence_config, persistence_dir_option, persistence_options
 from .protocol import MAX_MESSAGE_BYTES
 from .segmentlog import read_records
 
@@ -49,12 +49,15 @@ def command():
 @option("--http-port", type=PORT, default=8080, envvar=env("HTTP_PORT"), help="HTTP port (0 = any free port).")
 @option("--max-message-bytes", type=Size(minimum=64), default=MAX_MESSAGE_BYTES, envvar=env("MAX_MESSAGE_BYTES"), help="Largest message accepted.")
 @consumer_options("TELEMETRY_BROKER_")
+@limit_options("TELEMETRY_BROKER_")
 @persistence_options("TELEMETRY_BROKER_")
 @option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="info", envvar=env("LOG_LEVEL"))
 @option("--log-format", type=click.Choice(FORMATS), default="text", envvar=env("LOG_FORMAT"))
 def serve(host, port, http_host, http_port, max_message_bytes, subscriber_queue, ack_timeout, max_deliveries, log_level, log_format, **persistence):
     """Serve producers over ZeroMQ and stats over HTTP until SIGINT/SIGTERM."""
+    limits = limits_config(persistence)
     cfg = BrokerConfig(
+        limits=limits,
         host=host,
         port=port,
         http_host=http_host or host,
@@ -68,12 +71,14 @@ def serve(host, port, http_host, http_port, max_message_bytes, subscriber_queue,
     setup_logging(log_level, log_format, component="broker")
     import uvloop
 
-    from .server import BrokerStartError
+    from .server import BrokerFailed, BrokerStartError
 
     try:
         return uvloop.run(_serve(cfg))
     except BrokerStartError as exc:
         raise click.ClickException(str(exc)) from None
+    except BrokerFailed as exc:  # the traceback is logged already; exit non-zero so that a supervisor restarts it
+        raise click.ClickException(f"the broker stopped: {exc}") from None
 
 
 async def _serve(cfg: BrokerConfig) -> int:
@@ -98,7 +103,7 @@ async def _serve(cfg: BrokerConfig) -> int:
 
 
 @command.command()
-@option("--persistence-dir", default="/tmp/mq-data", envvar=env("PERSISTENCE_DIR"), help="The broker's --persistence-dir.")
+@persistence_dir_option("TELEMETRY_BROKER_", "The broker's --persistence-dir.")
 @option("--topic", default="telemetry", envvar=env("TOPIC"))
 @option("--from-offset", type=click.IntRange(min=0), default=0, help="First offset to print.")
 @option("--meta", is_flag=True, help="Wrap each message with its offset, producer, seq and receive time.")

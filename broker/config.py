@@ -8,8 +8,21 @@ from .protocol import MAX_MESSAGE_BYTES
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What any peer may make the broker hold (see the README's "Limits")."""
+
+    max_topics: int = 100  # only a PUBLISH creates a topic, and only below this many
+    max_groups: int = 32  # consumer groups per topic
+    max_producers: int = 1000  # producers a topic tracks (de-duplication state)
+    producer_expiry_s: float | None = 3600.0  # a producer idle this long is forgotten (None: never)
+    max_subscribers: int = 100  # ZeroMQ subscriptions per topic, and members per group
+    max_sse: int = 64  # Server-Sent Events streams, broker-wide
+    max_report_bytes: int = 16 << 10  # one producer REPORT
+
+
+@dataclass(frozen=True)
 class PersistenceConfig:
-    directory: str = "/tmp/mq-data"  # one subdirectory per topic
+    directory: str  # one subdirectory per topic (the CLIs default to a per-user state directory)
     segment_bytes: int = 64 << 20
     fsync: str = "interval"  # always | interval | never
     fsync_interval_s: float = 1.0
@@ -29,3 +42,4 @@ class BrokerConfig:
     max_deliveries: int = 3  # then it goes to <topic>.dlq
     topics: tuple[str, ...] = ("telemetry",)  # created at start, so their stats answer at once
     persistence: PersistenceConfig | None = None  # None: topics live in memory only
+    limits: Limits = Limits()

@@ -18,8 +18,8 @@ from common.names import valid_topic
 
 from . import protocol as p
 from .config import BrokerConfig
-from .groups import Delivery, Group, GroupMember
-from .registry import TopicRegistry
+from .groups import FOREIGN, Delivery, Group, GroupMember
+from .registry import TopicLimit, TopicRegistry
 from .segmentlog import LogUnavailable
 from .topic import Span, Topic
 from .transport import ZMQ_GONE, ZMQ_SENT, Transport
@@ -34,6 +34,9 @@ class GroupCoordinator:
         self.ack_timeout_s = config.ack_timeout_s
         self.max_deliveries = config.max_deliveries
         self.max_credit = config.subscriber_queue * 100
+        self.max_groups = config.limits.max_groups
+        self.max_members = config.limits.max_subscribers
+        self._loads: set[asyncio.Task] = set()  # batches being read ahead from logs
         self.registry = registry
         self.transport = transport
         self.on_durable = on_durable  # a dead letter reaches the .dlq topic's subscriptions and groups
@@ -49,24 +52,34 @@ class GroupCoordinator:
             log.info("Broker: group %r of topic %r starts at offset %d", name, topic.name, group.committed)
         return group
 
-    def consume(self, identity: bytes, topic: Topic, name: str, credit: int) -> None:
+    def consume(self, identity: bytes, topic: Topic, name: str, credit: int) -> str | None:
+        """A CONSUME: join (or refresh). Returns why it was refused (--max-groups, --max-subscribers), else None."""
+        if name not in topic.groups and len(topic.groups) >= self.max_groups:
+            return "too many groups"
         group = self.group(topic, name)
         member = group.members.get(identity)
         if member is None:
+            if len(group.members) >= self.max_members:
+                return "too many members"
             member = group.members[identity] = GroupMember(identity, 0)
         member.credit = max(1, min(credit, self.max_credit))
         self.dispatch(topic, group)
+        return None
 
-    def acknowledge(self, topic: Topic, name: str, offsets: bytes) -> bool:
-        """A GROUP_ACK; False if the group is unknown."""
+    def acknowledge(self, identity: bytes, topic: Topic, name: str, offsets: bytes) -> int | None:
+        """A GROUP_ACK from the connection `identity`; None if the group is unknown, else how many
+        of the offsets were delivered to another connection (those are counted and ignored)."""
         group = self.group(topic, name, create=False)
         if group is None:
-            return False
+            return None
+        foreign = 0
         for (offset,) in p.OFFSET.iter_unpack(offsets):
-            group.acknowledge(offset)
+            if group.acknowledge(offset, identity) == FOREIGN:
+                foreign += 1
+        group.foreign_acks += foreign
         group.save()
         self.dispatch(topic, group)
-        return True
+        return foreign
 
     def leave(self, identity: bytes, topic: Topic, name: str) -> None:
         group = self.group(topic, name, create=False)
@@ -86,8 +99,8 @@ class GroupCoordinator:
         while (member := group.next_member()) is not None:
             if group.retry:
                 delivery = group.retry.popleft()
-            elif group.ahead or self._read_ahead(topic, group):
-                delivery = group.ahead.popleft()
+            elif group.ahead is not None or self._read_ahead(topic, group):
+                delivery = group.take_ahead()
             else:
                 return
             delivery.deliveries += 1
@@ -109,19 +122,39 @@ class GroupCoordinator:
             if delivery.deliveries > 1:
                 group.redelivered += 1
 
-    @staticmethod
-    def _read_ahead(topic: Topic, group: Group) -> bool:
-        """Load the next span the group has not handed out yet; False if there is none."""
-        for span in topic.history(group.next_offset):
-            if span.first_offset > group.next_offset:  # retention removed what the group never read
-                if group.committed == group.next_offset and not group.inflight:
-                    group.committed = span.first_offset
-                group.next_offset = span.first_offset
-            for i, message in enumerate(span.body.split(p.SEPARATOR)):
-                group.ahead.append(Delivery(span.first_offset + i, message, span.producer, span.first_seq + i, span.received_ns))
-            group.next_offset = span.first_offset + span.count
-            return True
+    def _read_ahead(self, topic: Topic, group: Group) -> bool:
+        """Hold the next stored batch the group has not handed out yet (its messages are taken one
+        at a time, as members have credit); False if there is none now. A persisted log is read
+        off the event loop: False meanwhile, and the group is dispatched again once it is read."""
+        if group.next_offset >= topic.next_offset or group.loading:
+            return False
+        if topic.log is None:
+            return self._hold(group, next(topic.history(group.next_offset), None))
+        group.loading = True
+        task = asyncio.get_running_loop().create_task(self._load(topic, group))
+        self._loads.add(task)
+        task.add_done_callback(self._loads.discard)
         return False
+
+    async def _load(self, topic: Topic, group: Group) -> None:
+        offset = group.next_offset
+        try:
+            span = await asyncio.get_running_loop().run_in_executor(None, lambda: next(topic.history(offset), None))
+        finally:
+            group.loading = False
+        if group.next_offset == offset and topic.groups.get(group.name) is group and self._hold(group, span):
+            self.dispatch(topic, group)
+
+    @staticmethod
+    def _hold(group: Group, span: Span | None) -> bool:
+        if span is None:
+            return False
+        if span.first_offset > group.next_offset:  # retention removed what the group never read
+            if group.committed == group.next_offset and not group.inflight:
+                group.committed = span.first_offset
+            group.next_offset = span.first_offset
+        group.ahead, group.ahead_at = span, 0
+        return True
 
     async def expire_deliveries(self) -> None:
         """The redelivery timer: messages not acknowledged in time go back to their group, or to the dead-letter topic."""
@@ -146,12 +179,13 @@ class GroupCoordinator:
         head = orjson.dumps({"topic": topic.name, "group": group.name, "offset": delivery.offset, "deliveries": delivery.deliveries, "reason": reason})
         body = head[:-1] + b',"message":' + delivery.payload + b"}"  # the original bytes, unchanged
         dlq_name = f"{topic.name}.dlq"
-        dlq = self.registry.get(dlq_name) if valid_topic(dlq_name) else None
         try:
+            dlq = self.registry.get(dlq_name) if valid_topic(dlq_name) else None
             if dlq is None:
                 raise LogUnavailable("the topic name is too long for a .dlq topic")
             span = dlq.append(self._dlq_producer, self._dlq_seq, 1, body)
-        except LogUnavailable as exc:
+        except (LogUnavailable, TopicLimit) as exc:
+            exc = exc if isinstance(exc, LogUnavailable) else "--max-topics reached"
             log.error("Broker: cannot dead-letter offset %d of %r (%s); it stays with group %r", delivery.offset, topic.name, exc, group.name)
             group.retry.append(delivery)
             return
@@ -167,6 +201,8 @@ class GroupCoordinator:
 
     def close_all(self, topics: dict[str, Topic]) -> None:
         """The broker is going away: tell every member (CLOSING); what they hold is delivered again after a restart."""
+        for task in self._loads:
+            task.cancel()
         for topic in topics.values():
             for group in topic.groups.values():
                 for identity in group.members:

@@ -71,7 +71,7 @@ async def _healthz(request: web.Request) -> web.Response:
     broker = request.app[BROKER]
     if not broker.healthy:
         errors = {name: t.log.error for name, t in broker.topics.items() if t.log is not None and t.log.error}
-        return json_response({"status": "unhealthy", "log_errors": errors}, status=503)
+        return json_response({"status": "unhealthy", "log_errors": errors, "failure": getattr(broker, "failure", None)}, status=503)
     return json_response({"status": "ok"})
 
 
@@ -123,6 +123,8 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     topic = broker.topics.get(name)
     if topic is None:
         return json_response({"error": f"unknown topic {name!r}"}, status=404)
+    if not broker.sse_allowed():  # --max-sse
+        return json_response({"error": "too many streams; retry later"}, status=503)
     resume = _resume_from(request)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await response.prepare(request)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from . import protocol as p
 from .segmentlog import LogUnavailable
 from .storage import FsyncPolicy
-from .topic import SequenceGap, Span, Topic
+from .topic import ProducerLimit, SequenceGap, Span, Topic
 from .transport import Transport
 
 
@@ -37,6 +37,9 @@ class Ingest:
             span = topic.append(producer_id, first_seq, count, body)
         except SequenceGap as gap:
             self.refuse(identity, topic, producer_id, first_seq, count, p.NACK_SEQUENCE, "sequence gap", gap.expected)
+        except ProducerLimit:
+            topic.rejected["producer_limit"] += count
+            self.refuse(identity, topic, producer_id, first_seq, count, p.NACK_UNAVAILABLE, "too many producers on this topic; retry later")
         except LogUnavailable as exc:
             self.refuse(identity, topic, producer_id, first_seq, count, p.NACK_UNAVAILABLE, f"log write failed: {exc}")
         else:

@@ -4,12 +4,14 @@ created on first use, each with its segmented log when persistence is on."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import stat
 
 from common.names import valid_topic
 
-from .config import PersistenceConfig
+from .config import Limits, PersistenceConfig
 from .segmentlog import TopicLog
 from .topic import Topic
 
@@ -20,10 +22,15 @@ class RegistryStartError(Exception):
     """The persistence directory cannot be used; the message is one line for the user."""
 
 
+class TopicLimit(Exception):
+    """--max-topics topics exist already."""
+
+
 class TopicRegistry:
-    def __init__(self, configured: tuple[str, ...], persistence: PersistenceConfig | None):
+    def __init__(self, configured: tuple[str, ...], persistence: PersistenceConfig | None, limits: Limits = Limits()):
         self.configured = configured
         self.persistence = persistence
+        self.limits = limits
         self.topics: dict[str, Topic] = {}
 
     def open(self) -> None:
@@ -32,8 +39,8 @@ class TopicRegistry:
         persistence = self.persistence
         if persistence is not None:
             try:
-                os.makedirs(persistence.directory, exist_ok=True)
-                names += sorted(n for n in os.listdir(persistence.directory) if valid_topic(n) and os.path.isdir(os.path.join(persistence.directory, n)))
+                make_private_dir(persistence.directory)
+                names += sorted(n for n in os.listdir(persistence.directory) if valid_topic(n) and _is_real_dir(os.path.join(persistence.directory, n)))
             except OSError as exc:
                 raise RegistryStartError(f"cannot use persistence directory {persistence.directory}: {exc.strerror or exc}") from None
         for name in dict.fromkeys(names):
@@ -44,9 +51,12 @@ class TopicRegistry:
                 raise RegistryStartError(f"cannot use persistence directory {where}: {exc.strerror or exc}") from None
 
     def get(self, name: str) -> Topic | None:
-        """The topic `name` (a valid name, see common.names), created on first use; None if its log cannot be created."""
+        """The topic `name` (a valid name, see common.names), created on first use; None if its
+        log cannot be created. Raises TopicLimit when --max-topics topics exist already."""
         topic = self.topics.get(name)
         if topic is None:
+            if len(self.topics) >= self.limits.max_topics:
+                raise TopicLimit()
             try:
                 topic = self._create(name)
             except OSError as exc:
@@ -69,7 +79,7 @@ class TopicRegistry:
             )
             topic_log.open()
             topic_log.background = _in_thread
-        topic = self.topics[name] = Topic(name, topic_log)
+        topic = self.topics[name] = Topic(name, topic_log, self.limits.max_producers)
         return topic
 
     def close(self) -> None:
@@ -79,6 +89,22 @@ class TopicRegistry:
                 group.save(force=True)
             if topic.log is not None:
                 topic.log.close()
+
+
+def make_private_dir(path: str) -> None:
+    """Create `path` (and its parents) for the owner only (0700); an existing one must be a real
+    directory, not a symbolic link. Raises OSError."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if os.path.islink(path) or not os.path.isdir(path):
+        raise OSError(errno.ENOTDIR, "not a directory (a symbolic link is refused)")
+
+
+def _is_real_dir(path: str) -> bool:
+    """A directory, not a symbolic link to one (a planted link is never followed)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _in_thread(work) -> None:

@@ -14,7 +14,7 @@ import re
 import click
 
 from broker.config import BrokerConfig
-from broker.options import consumer_options, persistence_config, persistence_options
+from broker.options import consumer_options, limit_options, limits_config, persistence_config, persistence_options
 from broker.protocol import MAX_MESSAGE_BYTES
 from common import commandline
 from common.logsetup import FORMATS, LEVELS, setup_logging
@@ -131,6 +131,7 @@ def _column_types(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
     help="Below 100 messages/s per worker: seconds a due message may wait to be sent with the others due (each keeps its due time as timestamp); 0 = send each at once.",
 )
 @consumer_options(ENV_PREFIX)
+@limit_options(ENV_PREFIX)
 @persistence_options(ENV_PREFIX)
 @option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="info", envvar=env("LOG_LEVEL"))
 @option("--log-format", type=click.Choice(FORMATS), default="text", envvar=env("LOG_FORMAT"), help="text for people, json for log pipelines.")
@@ -158,6 +159,7 @@ def command(
     """Stream a CSV file's rows as timestamped JSON messages into a topic, from N worker processes."""
     if persistence["persistence"] and broker_url:
         raise click.UsageError("--persistence belongs to the broker: with --broker-url, give it to `telemetry-broker serve` instead")
+    limits = limits_config(persistence)
     persistence_cfg = persistence_config(**persistence)
     try:
         header = check_csv(csv_path)
@@ -196,6 +198,7 @@ def command(
             subscriber_queue=subscriber_queue,
             ack_timeout_s=ack_timeout or 30.0,
             max_deliveries=max_deliveries,
+            limits=limits,
         ),
     )
     setup_logging(log_level, log_format, component="streamer")
