@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from .safefs import make_private_dir, open_read, write_private
+
 log = logging.getLogger("broker.groups")
 
 COMMIT_INTERVAL_S = 0.2
@@ -80,10 +82,12 @@ class Group:
         committed = start
         if path is not None:
             try:
-                with open(path, "rb") as f:
-                    committed = max(start, int(orjson.loads(f.read())["committed"]))
+                with open_read(path) as f:
+                    committed = max(start, int(orjson.loads(f.read(4096))["committed"]))
             except FileNotFoundError:
                 pass
+            except OSError as exc:  # e.g. a symbolic link: refused, not followed
+                log.warning("Group %s: cannot read its committed offset in %s (%s); starting at %d", name, path, exc.strerror or exc, start)
             except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
                 log.warning("Group %s: unreadable committed offset in %s; starting at %d", name, path, start)
         return cls(name, committed, committed, path)
@@ -176,12 +180,9 @@ class Group:
             return
         tmp = self.state_path + ".tmp"
         try:
-            os.makedirs(os.path.dirname(self.state_path), exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(orjson.dumps({"committed": self.committed}))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.state_path)
+            make_private_dir(os.path.dirname(self.state_path))
+            write_private(tmp, orjson.dumps({"committed": self.committed}))
+            os.replace(tmp, self.state_path)  # replaces a link itself, never what it points to
         except OSError as exc:
             log.error("Group %s: cannot save its committed offset to %s: %s", self.name, self.state_path, exc.strerror or exc)
             return

@@ -62,12 +62,25 @@ class Ingest:
         self._replies.append(entry)
         self._last_reply[identity] = entry
 
-    def commit(self, started: float | None = None) -> None:
+    def commit(self, started: float | None = None):
         """End of a burst: fsync what the policy wants synced, then send the replies, then hand
-        the durable spans on. `started` (perf_counter) times the burst for the ack latency."""
+        the durable spans on. `started` (perf_counter) times the burst for the ack latency.
+        Returns None when done, or (--fsync=always with something written) a coroutine that
+        syncs off the event loop and then finishes; the receive loop awaits it before reading on."""
         replies, self._replies = self._replies, []
         self._last_reply.clear()
-        failed = self.fsync.sync_for_acks({id(t): t for _, t, _, _ in replies if t is not None}.values())
+        fanout, self._fanout = self._fanout, []
+        acked, self._acked_in_burst = self._acked_in_burst, False
+        due = self.fsync.due_for_acks({id(t): t for _, t, _, _ in replies if t is not None}.values())
+        if due:
+            return self._finish_after_sync(due, replies, fanout, acked, started)
+        self._finish(set(), replies, fanout, acked, started)
+        return None
+
+    async def _finish_after_sync(self, due, replies, fanout, acked, started) -> None:
+        self._finish(await self.fsync.sync_for_acks(due), replies, fanout, acked, started)
+
+    def _finish(self, failed: set[int], replies: list[list], fanout: list, acked: bool, started: float | None) -> None:
         send = self.transport.send
         for identity, topic, frames, ack in replies:
             if ack is not None:
@@ -77,11 +90,8 @@ class Ingest:
                     frames = p.ack_frames(*ack)
                     topic.acks += 1
             send(identity, frames)
-        fanout, self._fanout = self._fanout, []
         for topic, span in fanout:
             if id(topic) not in failed:
                 self.on_durable(topic, span)
-        if self._acked_in_burst:
-            if started is not None:
-                self.burst_seconds.observe(time.perf_counter() - started)
-            self._acked_in_burst = False
+        if acked and started is not None:
+            self.burst_seconds.observe(time.perf_counter() - started)

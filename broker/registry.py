@@ -4,14 +4,13 @@ created on first use, each with its segmented log when persistence is on."""
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
-import stat
 
 from common.names import valid_topic
 
 from .config import Limits, PersistenceConfig
+from .safefs import is_real_dir, make_private_dir
 from .segmentlog import TopicLog
 from .topic import Topic
 
@@ -40,7 +39,7 @@ class TopicRegistry:
         if persistence is not None:
             try:
                 make_private_dir(persistence.directory)
-                names += sorted(n for n in os.listdir(persistence.directory) if valid_topic(n) and _is_real_dir(os.path.join(persistence.directory, n)))
+                names += sorted(n for n in os.listdir(persistence.directory) if valid_topic(n) and is_real_dir(os.path.join(persistence.directory, n)))
             except OSError as exc:
                 raise RegistryStartError(f"cannot use persistence directory {persistence.directory}: {exc.strerror or exc}") from None
         for name in dict.fromkeys(names):
@@ -89,22 +88,6 @@ class TopicRegistry:
                 group.save(force=True)
             if topic.log is not None:
                 topic.log.close()
-
-
-def make_private_dir(path: str) -> None:
-    """Create `path` (and its parents) for the owner only (0700); an existing one must be a real
-    directory, not a symbolic link. Raises OSError."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    if os.path.islink(path) or not os.path.isdir(path):
-        raise OSError(errno.ENOTDIR, "not a directory (a symbolic link is refused)")
-
-
-def _is_real_dir(path: str) -> bool:
-    """A directory, not a symbolic link to one (a planted link is never followed)."""
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except OSError:
-        return False
 
 
 def _in_thread(work) -> None:
