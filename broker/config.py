@@ -16,6 +16,8 @@ class Limits:
     max_producers: int = 1000  # producers a topic tracks (de-duplication state)
     producer_expiry_s: float | None = 3600.0  # a producer idle this long is forgotten (None: never)
     max_subscribers: int = 100  # ZeroMQ subscriptions per topic, and members per group
+    subscriber_idle_s: float = 60.0  # a ZeroMQ subscription without credit that sent nothing this long is dropped
+    max_replay_bytes: int = 256 << 20  # replayed bytes not yet consumed, all subscriptions together
     max_sse: int = 64  # Server-Sent Events streams, broker-wide
     max_report_bytes: int = 16 << 10  # one producer REPORT
 

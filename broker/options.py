@@ -104,7 +104,17 @@ def consumer_options(env_prefix: str):
     return stack(decorators)
 
 
-LIMIT_OPTIONS = ("max_topics", "max_groups", "max_producers", "producer_expiry", "max_subscribers", "max_sse", "max_report_bytes")
+LIMIT_OPTIONS = (
+    "max_topics",
+    "max_groups",
+    "max_producers",
+    "producer_expiry",
+    "max_subscribers",
+    "subscriber_idle",
+    "max_replay_bytes",
+    "max_sse",
+    "max_report_bytes",
+)
 
 
 def limit_options(env_prefix: str):
@@ -141,6 +151,20 @@ def limit_options(env_prefix: str):
             envvar=env_prefix + "MAX_SUBSCRIBERS",
             help="ZeroMQ subscribers per topic, and members per consumer group.",
         ),
+        option(
+            "--subscriber-idle",
+            type=Duration(),
+            default="60s",
+            envvar=env_prefix + "SUBSCRIBER_IDLE",
+            help="Drop a ZeroMQ subscription without credit that has sent nothing this long.",
+        ),
+        option(
+            "--max-replay-bytes",
+            type=Size(minimum=1 << 20),
+            default="256MiB",
+            envvar=env_prefix + "MAX_REPLAY_BYTES",
+            help="Replayed bytes not yet consumed, all subscribers together; replays wait beyond.",
+        ),
         option("--max-sse", type=click.IntRange(min=1), default=d.max_sse, envvar=env_prefix + "MAX_SSE", help="Server-Sent Events streams, broker-wide."),
         option(
             "--max-report-bytes",
@@ -157,4 +181,5 @@ def limits_config(options: dict) -> Limits:
     """Limits from the click options (popped from `options`)."""
     values = {name: options.pop(name) for name in LIMIT_OPTIONS}
     expiry = values.pop("producer_expiry")
-    return Limits(**values, producer_expiry_s=expiry)
+    idle = values.pop("subscriber_idle") or Limits.subscriber_idle_s
+    return Limits(**values, producer_expiry_s=expiry, subscriber_idle_s=idle)

@@ -122,6 +122,7 @@ class Broker:
         self._supervise("rates", self.statistics.sample_rates())
         self._supervise("redelivery", self.groups.expire_deliveries())
         self._supervise("connections", self.transport.watch_connections())
+        self._supervise("idle subscriptions", self.subscriptions.expire_idle(self.registry.topics))
         if cfg.limits.producer_expiry_s is not None:
             self._supervise("producer expiry", self._expire_producers(cfg.limits.producer_expiry_s))
         if cfg.persistence is not None and cfg.persistence.fsync == "interval":

@@ -4,8 +4,13 @@ that broker.http drains). A subscription that starts in the past is replayed fir
 
 A subscription whose queue is full (no credit, or the SSE queue full) has new batches dropped and
 counted: producers never wait for a subscriber. Replay never runs ahead of the credit granted: it
-waits for more (each DELIVER spends one), and reads a persisted log off the event loop.
-A topic has at most --max-subscribers ZeroMQ subscriptions; the broker at most --max-sse streams. At shutdown every subscription is told (`close_all`):
+waits for more (each DELIVER spends one), and reads a persisted log off the event loop. What a
+replay sent and the subscriber has not yet given credit back for is also bounded in bytes: at
+most REPLAY_WINDOW_BYTES per subscription, and --max-replay-bytes for all replays together (a
+replay read from disk is a copy per subscriber, unlike live batches, which all share one).
+A topic has at most --max-subscribers ZeroMQ subscriptions; the broker at most --max-sse streams.
+A ZeroMQ subscription without credit that has sent nothing for --subscriber-idle is dropped (a
+subscriber that went away without UNSUBSCRIBE; a live client subscribes again when it hears nothing). At shutdown every subscription is told (`close_all`):
 ZeroMQ subscribers get a CLOSING frame, SSE streams an `event: shutdown` and their end.
 """
 
@@ -13,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from dataclasses import dataclass
+import time
+from collections import deque
+from dataclasses import dataclass, field
 
 from . import protocol as p
 from .config import BrokerConfig
@@ -21,6 +28,8 @@ from .topic import Span, Topic
 from .transport import ZMQ_AGAIN, ZMQ_GONE, ZMQ_SENT, Transport
 
 REPLAY_RETRY_S = 0.01
+REPLAY_WINDOW_BYTES = 4 << 20  # replayed bytes one subscription may have unconsumed (beyond one batch)
+IDLE_CHECK_S = 5.0
 SSE_SHUTDOWN = None  # queued to an SSE subscription: the broker is going away
 
 
@@ -37,6 +46,9 @@ class Subscription:
     credit: int = 0  # zmq: DELIVERs it may still receive (credit-based flow control)
     queue: object = None  # sse: asyncio.Queue of (Span, missed), or SSE_SHUTDOWN
     credited: object = None  # zmq while replaying: an asyncio.Event set when credit arrives
+    heard: float = 0.0  # zmq: when the subscriber last sent SUBSCRIBE or CREDIT (monotonic)
+    unconsumed: deque = field(default_factory=deque)  # zmq while replaying: sizes of DELIVERs not yet credited back
+    unconsumed_bytes: int = 0
 
     def stats(self) -> dict:
         stats = {"kind": self.kind, "delivered": self.delivered, "dropped": self.dropped, "live": self.live}
@@ -50,6 +62,9 @@ class Subscriptions:
         self.queue_limit = config.subscriber_queue
         self.max_subscribers = config.limits.max_subscribers
         self.max_sse = config.limits.max_sse
+        self.max_replay_bytes = config.limits.max_replay_bytes
+        self.subscriber_idle_s = config.limits.subscriber_idle_s
+        self.replay_bytes = 0  # replayed and not yet credited back, all subscriptions together
         self.sse_open = 0
         self.transport = transport
         self._replays: dict[object, asyncio.Task] = {}
@@ -93,7 +108,7 @@ class Subscriptions:
         if identity not in topic.subscriptions and sum(1 for s in topic.subscriptions.values() if s.kind == "zmq") >= self.max_subscribers:
             return "too many subscribers"
         self.unsubscribe(topic, identity)
-        sub = topic.subscriptions[identity] = Subscription(identity, "zmq", credit=min(credit, self.queue_limit))
+        sub = topic.subscriptions[identity] = Subscription(identity, "zmq", credit=min(credit, self.queue_limit), heard=time.monotonic())
         if start == p.FROM_LIVE:
             sub.live = True
             return None
@@ -107,13 +122,36 @@ class Subscriptions:
         sub = topic.subscriptions.get(identity)
         if sub is not None:  # else e.g. after a broker restart: the subscriber subscribes again when it hears nothing
             sub.credit = min(sub.credit + credit, self.queue_limit)
-            if sub.credited is not None and sub.credit > 0:
+            sub.heard = time.monotonic()
+            if sub.credited is not None:  # replaying: the oldest `credit` DELIVERs were consumed
+                for _ in range(min(credit, len(sub.unconsumed))):
+                    self._release(sub, sub.unconsumed.popleft())
                 sub.credited.set()
+
+    def _release(self, sub: Subscription, size: int) -> None:
+        sub.unconsumed_bytes -= size
+        self.replay_bytes -= size
+
+    def _release_all(self, sub: Subscription) -> None:
+        self.replay_bytes -= sub.unconsumed_bytes
+        sub.unconsumed_bytes = 0
+        sub.unconsumed.clear()
+
+    def _replay_blocked(self, sub: Subscription) -> bool:
+        """No credit, or this subscription's (or all replays') unconsumed bytes at their bound.
+        A subscription with nothing unconsumed may always have one batch."""
+        if sub.credit <= 0:
+            return True
+        if not sub.unconsumed_bytes:
+            return False
+        return sub.unconsumed_bytes >= REPLAY_WINDOW_BYTES or self.replay_bytes >= self.max_replay_bytes
 
     def unsubscribe(self, topic: Topic, key: object) -> None:
         sub = topic.subscriptions.pop(key, None)
         if sub is not None and sub.kind == "sse":
             self.sse_open -= 1
+        if sub is not None and sub.unconsumed_bytes:
+            self._release_all(sub)
         task = self._replays.pop(key, None) if sub is not None else None
         if task is not None and task is not asyncio.current_task():
             task.cancel()
@@ -129,9 +167,12 @@ class Subscriptions:
             while cursor < topic.next_offset:
                 spans = topic.history(cursor, from_time)
                 while True:
-                    while sub.credit <= 0:  # nothing is read, let alone sent, beyond the credit granted
+                    while self._replay_blocked(sub):  # nothing is read, let alone sent, beyond the credit granted
                         sub.credited.clear()
-                        await sub.credited.wait()
+                        if sub.credit > 0:  # waiting for other replays' bytes to be consumed
+                            await asyncio.wait([asyncio.ensure_future(sub.credited.wait())], timeout=REPLAY_RETRY_S * 10)
+                        else:
+                            await sub.credited.wait()
                     span = next(spans, None) if topic.log is None else await loop.run_in_executor(None, next, spans, None)
                     if span is None:
                         break
@@ -148,6 +189,10 @@ class Subscriptions:
                         self.unsubscribe(topic, sub.key)
                         return
                     sub.delivered += span.count
+                    size = len(span.body)
+                    sub.unconsumed.append(size)
+                    sub.unconsumed_bytes += size
+                    self.replay_bytes += size
                     cursor = span.first_offset + span.count
                     from_time = None  # the time only picks the first batch
                     await asyncio.sleep(0)
@@ -157,6 +202,7 @@ class Subscriptions:
                     cursor = topic.next_offset  # the rest is no longer held (retention)
             sub.live = True
             sub.credited = None
+            self._release_all(sub)  # live batches are shared by all subscribers, not copies
         finally:
             self._replays.pop(sub.key, None)
 
@@ -166,6 +212,17 @@ class Subscriptions:
         if topic.log is None:
             return any(True for _ in topic.history(cursor))
         return await asyncio.get_running_loop().run_in_executor(None, lambda: any(True for _ in topic.history(cursor)))
+
+    async def expire_idle(self, topics: dict[str, Topic]) -> None:
+        """Drop ZeroMQ subscriptions without credit that have sent nothing for --subscriber-idle."""
+        idle_s = self.subscriber_idle_s
+        while True:
+            await asyncio.sleep(min(IDLE_CHECK_S, idle_s / 4))
+            idle_since = time.monotonic() - idle_s
+            for topic in list(topics.values()):
+                for key, sub in list(topic.subscriptions.items()):
+                    if sub.kind == "zmq" and sub.credit <= 0 and sub.heard < idle_since:
+                        self.unsubscribe(topic, key)
 
     def sse_allowed(self) -> bool:
         """Whether another Server-Sent Events stream may open (--max-sse)."""

@@ -74,11 +74,16 @@ def test_subscribers_groups_members_and_sse_streams_are_limited(procs):
         ctx = zmq.Context()
         socks = [dealer_socket(ctx, url) for _ in range(3)]
         try:
-            for sock in socks:
+            topic = f"{http}/stats/telemetry"
+            for i, sock in enumerate(socks[:2], 1):  # one after the other: connections race
                 sock.send_multipart(p.subscribe_frames(b"telemetry", p.FROM_LIVE, 0, 10))
+                wait_until(lambda i=i: len(get_json(topic)[1]["subscribers"]) == i)
+            socks[2].send_multipart(p.subscribe_frames(b"telemetry", p.FROM_LIVE, 0, 10))
             assert is_error(recv(socks[2]), p.SUBSCRIBE, b"too many subscribers")
-            for sock in socks:
+            for i, sock in enumerate(socks[:2], 1):
                 sock.send_multipart(p.consume_frames(b"telemetry", b"g", 10))
+                wait_until(lambda i=i: get_json(topic)[1]["groups"]["g"]["consumers"] == i)
+            socks[2].send_multipart(p.consume_frames(b"telemetry", b"g", 10))
             assert is_error(recv(socks[2]), p.CONSUME, b"too many members")
             for group in (b"h", b"i"):
                 dealer.send_multipart(p.consume_frames(b"telemetry", group, 10))
@@ -89,7 +94,6 @@ def test_subscribers_groups_members_and_sse_streams_are_limited(procs):
             with urllib.request.urlopen(f"{http}/topics/telemetry/stream", timeout=10) as first:
                 assert first.readline().startswith(b"retry:")
                 assert http_status(f"{http}/topics/telemetry/stream") == 503  # --max-sse=1
-            wait_until(lambda: http_status(f"{http}/stats") == 200 and not get_json(f"{http}/stats/telemetry")[1]["subscribers"].keys() - {"zmq"} or True)
         finally:
             for sock in socks:
                 sock.close()
@@ -333,3 +337,23 @@ def test_a_symlinked_topic_directory_is_not_used(procs, tmp_path):
         assert reply[1] == p.NACK and reply[3] == p.NACK_INVALID
         assert publish(dealer, 0, [1])[1] == p.ACK
     assert os.listdir(elsewhere) == []
+
+
+def test_a_subscription_without_credit_that_went_quiet_is_dropped(procs):
+    """A subscriber that left without UNSUBSCRIBE (and so never takes its slot back) is dropped
+    once it has had no credit and sent nothing for --subscriber-idle."""
+    with broker_and_dealer(procs, "--subscriber-idle=1s", "--max-subscribers=1") as (proc, dealer, http, url):
+        ctx = zmq.Context()
+        ghost = dealer_socket(ctx, url)
+        try:
+            ghost.send_multipart(p.subscribe_frames(b"telemetry", p.FROM_LIVE, 0, 0))
+            wait_until(lambda: get_json(f"{http}/stats/telemetry")[1]["subscribers"])
+            dealer.send_multipart(p.subscribe_frames(b"telemetry", p.FROM_LIVE, 0, 10))
+            assert is_error(recv(dealer), p.SUBSCRIBE, b"too many subscribers")
+            wait_until(lambda: not get_json(f"{http}/stats/telemetry")[1]["subscribers"], timeout=10, message="the quiet subscription to be dropped")
+            dealer.send_multipart(p.subscribe_frames(b"telemetry", p.FROM_LIVE, 0, 10))
+            assert publish(dealer, 0, [1])[1] == p.ACK
+            assert recv(dealer)[1] == p.DELIVER  # the slot is the live subscriber's now
+        finally:
+            ghost.close()
+            ctx.term()
