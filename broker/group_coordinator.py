@@ -33,7 +33,7 @@ class GroupCoordinator:
     def __init__(self, config: BrokerConfig, registry: TopicRegistry, transport: Transport, on_durable: Callable[[Topic, Span], None]):
         self.ack_timeout_s = config.ack_timeout_s
         self.max_deliveries = config.max_deliveries
-        self.max_credit = config.subscriber_queue * 100
+        self.max_credit = config.subscriber_queue * 10  # unacknowledged messages one member may hold (1,000 by default)
         self.max_groups = config.limits.max_groups
         self.max_members = config.limits.max_subscribers
         self._loads: set[asyncio.Task] = set()  # batches being read ahead from logs
