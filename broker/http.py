@@ -3,7 +3,8 @@
     GET /                 the web console (broker.webconsole; its files under /console/)
     GET /stats            every topic's stats, and broker-wide counters
     GET /stats/<topic>    one topic's stats; 404 with a JSON error if the topic is unknown
-    GET /healthz          200 while the broker is serving; 503 while a topic's log cannot be written
+    GET /healthz          200 while the broker is serving; 503 while a topic's log cannot be written,
+                          or once one of its tasks died (`failure`)
     GET /readyz           200 while serving, 503 once a drain has begun
     GET /metrics          Prometheus text format (broker.metrics)
     GET /topics/<topic>/stream   new messages as Server-Sent Events, one event per message:
@@ -15,7 +16,8 @@
                           {"missed": N, "reason": ...} (N null when unknown: the offset is past
                           the topic's end, as after a restart without persistence). A live
                           reader whose queue overflowed gets `event: missed` {"missed": N}. When the broker
-                          shuts down, the stream ends with `event: shutdown`.
+                          shuts down, the stream ends with `event: shutdown`. Beyond --max-sse
+                          open streams: 503.
 
 Every error, including unknown paths and wrong methods, is a JSON object {"error": ...}.
 """
