@@ -140,6 +140,9 @@ class GroupCoordinator:
         offset = group.next_offset
         try:
             span = await asyncio.get_running_loop().run_in_executor(None, lambda: next(topic.history(offset), None))
+        except Exception:  # the next dispatch tries again
+            log.exception("Broker: group %r of %r cannot read offset %d from the log", group.name, topic.name, offset)
+            return
         finally:
             group.loading = False
         if group.next_offset == offset and topic.groups.get(group.name) is group and self._hold(group, span):

@@ -170,7 +170,10 @@ class Subscriptions:
                     while self._replay_blocked(sub):  # nothing is read, let alone sent, beyond the credit granted
                         sub.credited.clear()
                         if sub.credit > 0:  # waiting for other replays' bytes to be consumed
-                            await asyncio.wait([asyncio.ensure_future(sub.credited.wait())], timeout=REPLAY_RETRY_S * 10)
+                            try:
+                                await asyncio.wait_for(sub.credited.wait(), REPLAY_RETRY_S * 10)
+                            except TimeoutError:
+                                pass
                         else:
                             await sub.credited.wait()
                     span = next(spans, None) if topic.log is None else await loop.run_in_executor(None, next, spans, None)
