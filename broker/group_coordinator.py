@@ -19,7 +19,7 @@ from common.names import valid_topic
 from . import protocol as p
 from .config import BrokerConfig
 from .groups import FOREIGN, Delivery, Group, GroupMember
-from .registry import TopicLimit, TopicRegistry
+from .registry import TopicLimit, TopicRegistry, in_thread
 from .segmentlog import LogUnavailable
 from .topic import Span, Topic
 from .transport import ZMQ_GONE, ZMQ_SENT, Transport
@@ -77,7 +77,7 @@ class GroupCoordinator:
             if group.acknowledge(offset, identity) == FOREIGN:
                 foreign += 1
         group.foreign_acks += foreign
-        group.save()
+        group.save(background=in_thread)
         self.dispatch(topic, group)
         return foreign
 
@@ -174,7 +174,7 @@ class GroupCoordinator:
                         else:
                             group.retry.append(delivery)
                     if expired:
-                        group.save()
+                        group.save(background=in_thread)
                         self.dispatch(topic, group)
 
     def _dead_letter(self, topic: Topic, group: Group, delivery: Delivery) -> None:

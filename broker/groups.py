@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ class Group:
     _rr: int = 0
     _saved: int = -1
     _saved_at: float = 0.0
+    _saving: bool = False
 
     @classmethod
     def load(cls, name: str, state_dir: str | None, start: int) -> Group:
@@ -172,21 +174,39 @@ class Group:
             del self.inflight[delivery.offset]
             self.retry.append(delivery)
 
-    def save(self, force: bool = False) -> None:
-        if self.state_path is None or self.committed == self._saved:
+    def save(self, force: bool = False, background=None) -> None:
+        """Write the committed offset (at most every COMMIT_INTERVAL_S unless `force`); with
+        `background` (a callable running work off the event loop) the write and its fsync run there."""
+        if self.state_path is None or self.committed == self._saved or (self._saving and not force):
             return
         now = time.monotonic()
         if not force and now - self._saved_at < COMMIT_INTERVAL_S:
             return
-        tmp = self.state_path + ".tmp"
+        committed = self.committed
+        if background is None:
+            self._write(committed, now)
+            return
+        self._saving = True
+
+        def work() -> None:
+            try:
+                self._write(committed, now)
+            finally:
+                self._saving = False
+
+        background(work)
+
+    def _write(self, committed: int, now: float) -> None:
+        tmp = f"{self.state_path}.{threading.get_ident()}.tmp"  # a write at close may overlap one in the background
         try:
             make_private_dir(os.path.dirname(self.state_path))
-            write_private(tmp, orjson.dumps({"committed": self.committed}))
+            write_private(tmp, orjson.dumps({"committed": committed}))
             os.replace(tmp, self.state_path)  # replaces a link itself, never what it points to
         except OSError as exc:
             log.error("Group %s: cannot save its committed offset to %s: %s", self.name, self.state_path, exc.strerror or exc)
             return
-        self._saved, self._saved_at = self.committed, now
+        if committed >= self._saved:
+            self._saved, self._saved_at = committed, now
 
     def stats(self, topic_next_offset: int) -> dict:
         return {

@@ -102,9 +102,11 @@ def _resume_from(request: web.Request) -> int | None:
 async def _catch_up(response: web.StreamResponse, topic, cursor: int) -> int:
     """Send what the topic still holds from `cursor` up to its end (the log or the in-memory
     window), with a `missed` event for whatever it no longer holds; returns the new cursor."""
+    loop = asyncio.get_running_loop()
     while cursor < topic.next_offset:
         sent = False
-        for span in topic.history(cursor):
+        spans = topic.history(cursor)
+        while (span := next(spans, None) if topic.log is None else await loop.run_in_executor(None, next, spans, None)) is not None:  # the log: off the loop
             if span.first_offset > cursor:  # retention removed these before we could send them
                 await response.write(_missed(span.first_offset - cursor, "no longer held"))
             await response.write(_events(span))

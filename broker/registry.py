@@ -77,7 +77,7 @@ class TopicRegistry:
                 retention_age_s=persistence.retention_age_s,
             )
             topic_log.open()
-            topic_log.background = _in_thread
+            topic_log.background = in_thread
         topic = self.topics[name] = Topic(name, topic_log, self.limits.max_producers)
         return topic
 
@@ -90,6 +90,6 @@ class TopicRegistry:
                 topic.log.close()
 
 
-def _in_thread(work) -> None:
+def in_thread(work) -> None:
     """Blocking housekeeping of a log, run in the event loop's default executor."""
     asyncio.get_running_loop().run_in_executor(None, work)
