@@ -21,7 +21,7 @@ from .config import BrokerConfig
 from .groups import FOREIGN, Delivery, Group, GroupMember
 from .registry import TopicLimit, TopicRegistry, in_thread
 from .segmentlog import LogUnavailable
-from .topic import Span, Topic
+from .topic import ProducerLimit, Span, Topic
 from .transport import ZMQ_GONE, ZMQ_SENT, Transport
 
 log = logging.getLogger("broker")
@@ -40,8 +40,7 @@ class GroupCoordinator:
         self.registry = registry
         self.transport = transport
         self.on_durable = on_durable  # a dead letter reaches the .dlq topic's subscriptions and groups
-        self._dlq_producer = os.urandom(p.PRODUCER_ID_BYTES)  # the broker's own id for dead letters
-        self._dlq_seq = 0
+        self._dlq_producer = os.urandom(p.PRODUCER_ID_BYTES)  # the broker's own id for dead letters (its sequence is per .dlq topic)
 
     def group(self, topic: Topic, name: str, create: bool = True) -> Group | None:
         """The group `name` (a valid name) of `topic`; a new one starts at the oldest message the topic holds."""
@@ -186,13 +185,13 @@ class GroupCoordinator:
             dlq = self.registry.get(dlq_name) if valid_topic(dlq_name) else None
             if dlq is None:
                 raise LogUnavailable("the topic name is too long for a .dlq topic")
-            span = dlq.append(self._dlq_producer, self._dlq_seq, 1, body)
-        except (LogUnavailable, TopicLimit) as exc:
-            exc = exc if isinstance(exc, LogUnavailable) else "--max-topics reached"
+            producer = dlq.producers.get(self._dlq_producer)
+            span = dlq.append(self._dlq_producer, producer.next_seq if producer is not None else 0, 1, body)
+        except (LogUnavailable, TopicLimit, ProducerLimit) as exc:
+            exc = exc if isinstance(exc, LogUnavailable) else "--max-topics reached" if isinstance(exc, TopicLimit) else "--max-producers reached"
             log.error("Broker: cannot dead-letter offset %d of %r (%s); it stays with group %r", delivery.offset, topic.name, exc, group.name)
             group.retry.append(delivery)
             return
-        self._dlq_seq += 1
         group.dead_lettered += 1
         group.done(delivery.offset)
         if dlq.log is not None and dlq.log.fsync != "never":

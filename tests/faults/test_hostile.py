@@ -357,3 +357,25 @@ def test_a_subscription_without_credit_that_went_quiet_is_dropped(procs):
         finally:
             ghost.close()
             ctx.term()
+
+
+def test_dead_letters_of_dead_letters_keep_the_redelivery_timer_alive(procs):
+    """Found by the frame fuzz test: the broker's dead-letter producer kept one sequence for every
+    .dlq topic, so a dead letter to `<topic>.dlq` after one to `<topic>.dlq.dlq` was a sequence gap
+    that killed the redelivery timer (before: silently, and redelivery stopped for good)."""
+    with broker_and_dealer(procs, "--ack-timeout=300ms", "--max-deliveries=1") as (proc, dealer, http, url):
+        ctx = zmq.Context()
+        a, b = dealer_socket(ctx, url), dealer_socket(ctx, url)
+        try:
+            a.send_multipart(p.consume_frames(b"telemetry", b"g", 10))  # never acknowledges
+            assert publish(dealer, 0, [0, 1])[1] == p.ACK
+            wait_until(lambda: get_json(f"{http}/stats/telemetry.dlq")[1].get("messages") == 2, message="two dead letters")
+            b.send_multipart(p.consume_frames(b"telemetry.dlq", b"g", 10))  # never acknowledges either
+            wait_until(lambda: get_json(f"{http}/stats/telemetry.dlq.dlq")[1].get("messages") == 2, message="their dead letters")
+            assert publish(dealer, 2, [2])[1] == p.ACK
+            wait_until(lambda: get_json(f"{http}/stats/telemetry.dlq")[1].get("messages") == 3, message="the third dead letter")
+            assert http_status(f"{http}/healthz") == 200 and proc.popen.poll() is None
+        finally:
+            a.close()
+            b.close()
+            ctx.term()
