@@ -3,7 +3,8 @@
     GET /                 the web console (common.webconsole; its files under /console/)
     GET /stats            every topic's stats, and broker-wide counters
     GET /stats/<topic>    one topic's stats; 404 with a JSON error if the topic is unknown
-    GET /healthz          200 while the broker is serving; 503 while a topic's log cannot be written
+    GET /healthz          200 while the broker is serving; 503 while a topic's log cannot be written,
+                          or once one of its tasks died (`failure`)
     GET /readyz           200 while serving, 503 once a drain has begun
     GET /metrics          Prometheus text format (broker.metrics)
     GET /topics/<topic>/stream   new messages as Server-Sent Events, one event per message:
@@ -15,7 +16,8 @@
                           {"missed": N, "reason": ...} (N null when unknown: the offset is past
                           the topic's end, as after a restart without persistence). A live
                           reader whose queue overflowed gets `event: missed` {"missed": N}. When the broker
-                          shuts down, the stream ends with `event: shutdown`.
+                          shuts down, the stream ends with `event: shutdown`. Beyond --max-sse
+                          open streams: 503.
 
 Every error, including unknown paths and wrong methods, is a JSON object {"error": ...}.
 With --http-token-file every path but /healthz, /readyz and the console's files wants
@@ -59,7 +61,7 @@ async def _healthz(request: web.Request) -> web.Response:
     broker = request.app[BROKER]
     if not broker.healthy:
         errors = {name: t.log.error for name, t in broker.topics.items() if t.log is not None and t.log.error}
-        return json_response({"status": "unhealthy", "log_errors": errors}, status=503)
+        return json_response({"status": "unhealthy", "log_errors": errors, "failure": getattr(broker, "failure", None)}, status=503)
     return json_response({"status": "ok"})
 
 
@@ -88,9 +90,11 @@ def _resume_from(request: web.Request) -> int | None:
 async def _catch_up(response: web.StreamResponse, topic, cursor: int) -> int:
     """Send what the topic still holds from `cursor` up to its end (the log or the in-memory
     window), with a `missed` event for whatever it no longer holds; returns the new cursor."""
+    loop = asyncio.get_running_loop()
     while cursor < topic.next_offset:
         sent = False
-        for span in topic.history(cursor):
+        spans = topic.history(cursor)
+        while (span := next(spans, None) if topic.log is None else await loop.run_in_executor(None, next, spans, None)) is not None:  # the log: off the loop
             if span.first_offset > cursor:  # retention removed these before we could send them
                 await response.write(_missed(span.first_offset - cursor, "no longer held"))
             await response.write(_events(span))
@@ -111,6 +115,8 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     topic = broker.topics.get(name)
     if topic is None:
         return json_response({"error": f"unknown topic {name!r}"}, status=404)
+    if not broker.sse_allowed():  # --max-sse
+        return json_response({"error": "too many streams; retry later"}, status=503)
     resume = _resume_from(request)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await response.prepare(request)

@@ -143,6 +143,7 @@ class Supervisor:
         cfg = self.cfg
         if cfg.broker is not None:
             self.broker = Broker(cfg.broker)
+            self.broker.on_failure = self.should_exit.set  # a broker task died: drain and exit non-zero
             await self.broker.start()  # raises BrokerStartError before any worker exists
             # the workers reach the embedded broker over a Unix socket: ~5-10% more messages
             # per CPU second than TCP loopback (docs/DESIGN.md)
@@ -308,7 +309,10 @@ class Supervisor:
         if forced:
             summary = "Forced exit: " + summary.removeprefix("Drained: ")
         log.info("%s", summary)
-        return 1 if forced or unacked or any(s.given_up or s.failed for s in self.slots) else 0
+        broker_failed = self.broker is not None and self.broker.failure is not None
+        if broker_failed:
+            log.error("The embedded broker failed (%s): exiting non-zero", self.broker.failure)
+        return 1 if forced or unacked or broker_failed or any(s.given_up or s.failed for s in self.slots) else 0
 
 
 class _InheritedFd:
