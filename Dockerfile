@@ -18,8 +18,12 @@ COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links=/wheels /wheels/telemetry_streamer-*.whl \
     && rm -rf /wheels
 COPY data/gpu_metrics.csv /data/gpu_metrics.csv
+# the data directory (--persistence): the program's own, 0700, never under /tmp
+RUN install -d -o telemetry -g telemetry -m 0700 /var/lib/telemetry
 ENV PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    TELEMETRY_BROKER_PERSISTENCE_DIR=/var/lib/telemetry \
+    TELEMETRY_STREAMER_PERSISTENCE_DIR=/var/lib/telemetry
 USER 10001
 EXPOSE 5555 8080
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \

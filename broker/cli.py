@@ -33,7 +33,10 @@ from .options import (
     curve_server_options,
     http_security,
     http_security_options,
+    limit_options,
+    limits_config,
     persistence_config,
+    persistence_dir_option,
     persistence_options,
 )
 from .protocol import MAX_MESSAGE_BYTES
@@ -60,6 +63,7 @@ def command():
 @option("--http-port", type=PORT, default=8080, envvar=env("HTTP_PORT"), help="HTTP port (0 = any free port).")
 @option("--max-message-bytes", type=Size(minimum=64), default=MAX_MESSAGE_BYTES, envvar=env("MAX_MESSAGE_BYTES"), help="Largest message accepted.")
 @consumer_options("TELEMETRY_BROKER_")
+@limit_options("TELEMETRY_BROKER_")
 @persistence_options("TELEMETRY_BROKER_")
 @curve_server_options("TELEMETRY_BROKER_")
 @http_security_options("TELEMETRY_BROKER_")
@@ -84,7 +88,9 @@ def serve(
     **persistence,
 ):
     """Serve producers over ZeroMQ and stats over HTTP until SIGINT/SIGTERM (SIGHUP: reread the CURVE authorized keys)."""
+    limits = limits_config(persistence)
     cfg = BrokerConfig(
+        limits=limits,
         host=host,
         port=port,
         http_host=http_host or host,
@@ -100,12 +106,14 @@ def serve(
     setup_logging(log_level, log_format, component="broker")
     import uvloop
 
-    from .server import BrokerStartError
+    from .server import BrokerFailed, BrokerStartError
 
     try:
         return uvloop.run(_serve(cfg))
     except BrokerStartError as exc:
         raise click.ClickException(str(exc)) from None
+    except BrokerFailed as exc:  # the traceback is logged already; exit non-zero so that a supervisor restarts it
+        raise click.ClickException(f"the broker stopped: {exc}") from None
 
 
 async def _serve(cfg: BrokerConfig) -> int:
@@ -144,7 +152,7 @@ async def _serve(cfg: BrokerConfig) -> int:
 
 
 @command.command()
-@option("--persistence-dir", default="/tmp/mq-data", envvar=env("PERSISTENCE_DIR"), help="The broker's --persistence-dir.")
+@persistence_dir_option("TELEMETRY_BROKER_", "The broker's --persistence-dir.")
 @option("--topic", default="telemetry", envvar=env("TOPIC"), help="Topic to print.")
 @option("--from-offset", type=click.IntRange(min=0), default=0, envvar=env("FROM_OFFSET"), help="First offset to print.")
 @bool_flag("--meta", envvar=env("META"), show_envvar=True, help="Wrap each message with its offset, producer, seq and receive time.")
@@ -325,7 +333,7 @@ class _GroupReader:
 
 @command.command()
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--name", default="broker", show_default=True, help="The files' name: DIRECTORY/NAME.key (public) and NAME.key_secret (private, 0600).")
+@option("--name", default="broker", envvar=env("KEYGEN_NAME"), help="The files' name: DIRECTORY/NAME.key (public) and NAME.key_secret (private, 0600).")
 def keygen(directory, name):
     """Make a CURVE key pair (pyzmq's zmq.auth format): one for the broker, one per client.
 

@@ -8,8 +8,23 @@ from .protocol import MAX_MESSAGE_BYTES
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What any peer may make the broker hold (see the README's "Limits")."""
+
+    max_topics: int = 100  # only a PUBLISH creates a topic, and only below this many
+    max_groups: int = 32  # consumer groups per topic
+    max_producers: int = 1000  # producers a topic tracks (de-duplication state)
+    producer_expiry_s: float | None = 3600.0  # a producer idle this long is forgotten (None: never)
+    max_subscribers: int = 100  # ZeroMQ subscriptions per topic, and members per group
+    subscriber_idle_s: float = 60.0  # a ZeroMQ subscription without credit that sent nothing this long is dropped
+    max_replay_bytes: int = 256 << 20  # replayed bytes not yet consumed, all subscriptions together
+    max_sse: int = 64  # Server-Sent Events streams, broker-wide
+    max_report_bytes: int = 16 << 10  # one producer REPORT
+
+
+@dataclass(frozen=True)
 class PersistenceConfig:
-    directory: str = "/tmp/mq-data"  # one subdirectory per topic
+    directory: str  # one subdirectory per topic (the CLIs default to a per-user state directory)
     segment_bytes: int = 64 << 20
     fsync: str = "interval"  # always | interval | never
     fsync_interval_s: float = 1.0
@@ -27,7 +42,7 @@ class CurveConfig:
 
 @dataclass(frozen=True)
 class HttpSecurity:
-    """The HTTP side's protection (broker.httpauth): a bearer token, HTTPS."""
+    """The HTTP side's protection (common.httpauth): a bearer token, HTTPS."""
 
     token: str | None = None  # every endpoint but /healthz, /readyz and the console's files wants it
     tls_cert: str | None = None  # both set: HTTPS
@@ -51,3 +66,4 @@ class BrokerConfig:
     persistence: PersistenceConfig | None = None  # None: topics live in memory only
     curve: CurveConfig | None = None  # None: the ZeroMQ port accepts any peer
     http_security: HttpSecurity = HttpSecurity()
+    limits: Limits = Limits()

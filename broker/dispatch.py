@@ -9,8 +9,13 @@ and logged at a bounded rate. The frame layouts are in broker.protocol.
 
 Checks: the frame count and each fixed-size field's length; topic and group names (ASCII, the one
 rule of common.names); a batch's count (>= 1, equal to the messages in its body) and sequence
-range (the next expected one, first seq + count, fits in u64); message sizes; a subscription's start kind; a report's
-producer id and JSON object.
+range (the next expected one, first seq + count, fits in u64); message sizes; a subscription's
+start kind; an acknowledgment's number of offsets (1 to MAX_ACK_OFFSETS); a report's producer id,
+size (--max-report-bytes) and schema (common.reports).
+
+Only a PUBLISH creates a topic (below --max-topics, else NACK "U"); any other frame naming a
+topic the broker does not hold is refused (`unknown_topic`; SUBSCRIBE, CONSUME and GROUP_ACK
+get an ERROR frame, see broker.protocol).
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ from collections import Counter
 import orjson
 
 from common.names import valid_group, valid_topic
+from common.reports import check_report
 
 from . import protocol as p
 from .config import BrokerConfig
 from .group_coordinator import GroupCoordinator
 from .ingest import Ingest
-from .registry import TopicRegistry
+from .registry import TopicLimit, TopicRegistry
 from .subscriptions import Subscriptions
 from .throttle import LogThrottle
 from .topic import Topic
@@ -57,6 +63,7 @@ class FrameDispatcher:
         throttle: LogThrottle,
     ):
         self.max_message_bytes = config.max_message_bytes
+        self.max_report_bytes = config.limits.max_report_bytes
         self.registry = registry
         self.ingest = ingest
         self.subscriptions = subscriptions
@@ -98,16 +105,32 @@ class FrameDispatcher:
         if self._throttle.may_log(f"frame:{reason}"):
             log.warning("Broker: ignored a bad frame (%s); %d so far", reason, self.bad_frames[reason])
 
-    def _topic(self, raw: bytes) -> Topic | None:
-        """The topic a frame names (created on first use); None for an invalid name. A name seen
-        before is found by its bytes: no decoding or name check per batch."""
+    def _topic(self, raw: bytes, create: bool = False) -> Topic | None:
+        """The topic a frame names (created only if `create`: for a PUBLISH); None for an invalid
+        or unknown name. A name seen before is found by its bytes: no decoding or name check per
+        batch. Raises TopicLimit when a topic would be created beyond --max-topics."""
         topic = self._by_raw_name.get(raw)
         if topic is None:
             name = _name(raw, valid_topic)
-            topic = None if name is None else self.registry.get(name)
+            if name is None:
+                return None
+            topic = self.registry.get(name) if create else self.registry.topics.get(name)
             if topic is not None:
                 self._by_raw_name[raw] = topic
         return topic
+
+    def _known_topic(self, identity: bytes, command: bytes, raw: bytes, refuse: bool = True) -> Topic | None:
+        """The existing topic a non-PUBLISH frame names; else the frame is counted (and, if
+        `refuse`, answered with an ERROR) and None returned."""
+        topic = self._topic(raw)
+        if topic is None:
+            self.bad_frame("unknown_topic" if _name(raw, valid_topic) is not None else "bad_topic")
+            if refuse:
+                self._refuse(identity, command, raw, "unknown topic")
+        return topic
+
+    def _refuse(self, identity: bytes, command: bytes, topic_name: bytes, reason: str) -> None:
+        self.ingest.transport.send(identity, p.error_frames(command, topic_name[:256], reason))
 
     # -- producers -----------------------------------------------------------------------------
 
@@ -117,7 +140,12 @@ class FrameDispatcher:
             self.bad_frame("bad_header")
             return
         producer_id, first_seq, count = p.PUB_HEADER.unpack(header)
-        topic = self._topic(topic_name)
+        try:
+            topic = self._topic(topic_name, create=True)
+        except TopicLimit:
+            self.bad_frame("topic_limit")
+            self.ingest.refuse(identity, None, producer_id, first_seq, count, p.NACK_UNAVAILABLE, "topic limit reached")
+            return
         reason = None
         if topic is None:
             reason = "bad_topic"
@@ -136,13 +164,21 @@ class FrameDispatcher:
         self.ingest.refuse(identity, topic, producer_id, first_seq, count, p.NACK_INVALID, reason)
 
     def _report(self, frames: list[bytes]) -> None:
-        _, _, _, topic_name, producer_id, report = frames
-        topic = self._topic(topic_name)
+        identity, _, _, topic_name, producer_id, report = frames
+        if len(report) > self.max_report_bytes:
+            self.bad_frame("report_too_large")
+            return
+        if len(producer_id) != p.PRODUCER_ID_BYTES:
+            self.bad_frame("bad_report")
+            return
+        topic = self._known_topic(identity, p.REPORT, topic_name, refuse=False)
+        if topic is None:
+            return
         try:
             value = orjson.loads(report)
         except orjson.JSONDecodeError:
             value = None
-        if topic is None or not isinstance(value, dict) or len(producer_id) != p.PRODUCER_ID_BYTES:
+        if check_report(value) is not None:
             self.bad_frame("bad_report")
             return
         producer = topic.producers.get(producer_id)
@@ -162,36 +198,41 @@ class FrameDispatcher:
             self.bad_frame("unknown_command")
             return
         start, value, credit = p.SUB_HEADER.unpack(header)
-        topic = self._topic(topic_name)
-        if topic is None or start > p.FROM_TIME:
+        if start > p.FROM_TIME:
             self.bad_frame("bad_subscribe")
             return
-        self.subscriptions.subscribe(identity, topic, start, value, credit)
+        topic = self._known_topic(identity, p.SUBSCRIBE, topic_name)
+        if topic is None:
+            return
+        refused = self.subscriptions.subscribe(identity, topic, start, value, credit)
+        if refused is not None:
+            self.bad_frame("subscriber_limit")
+            self._refuse(identity, p.SUBSCRIBE, topic_name, refused)
 
     def _credit(self, frames: list[bytes]) -> None:
         identity, _, _, topic_name, body = frames
         if len(body) != p.CREDIT_BODY.size:
             self.bad_frame("unknown_command")
             return
-        topic = self._topic(topic_name)
+        topic = self._known_topic(identity, p.CREDIT, topic_name, refuse=False)
         if topic is not None:
             self.subscriptions.credit(identity, topic, p.CREDIT_BODY.unpack(body)[0])
 
     def _unsubscribe(self, frames: list[bytes]) -> None:
         identity, _, _, topic_name = frames
-        topic = self._topic(topic_name)
+        topic = self._known_topic(identity, p.UNSUBSCRIBE, topic_name, refuse=False)
         if topic is not None:
             self.subscriptions.unsubscribe(topic, identity)
 
     # -- consumer groups -----------------------------------------------------------------------
 
-    def _group_frame(self, frames: list[bytes], reason: str) -> tuple[Topic, str] | None:
-        topic = self._topic(frames[3])
+    def _group_frame(self, frames: list[bytes], reason: str, refuse: bool = True) -> tuple[Topic, str] | None:
         group = _name(frames[4], valid_group)
-        if topic is None or group is None:
+        if group is None:
             self.bad_frame(reason)
             return None
-        return topic, group
+        topic = self._known_topic(frames[0], frames[2], frames[3], refuse)
+        return None if topic is None else (topic, group)
 
     def _consume(self, frames: list[bytes]) -> None:
         if len(frames[5]) != p.CREDIT_BODY.size:
@@ -199,18 +240,27 @@ class FrameDispatcher:
             return
         found = self._group_frame(frames, "bad_consume")
         if found is not None:
-            self.groups.consume(frames[0], *found, p.CREDIT_BODY.unpack(frames[5])[0])
+            refused = self.groups.consume(frames[0], *found, p.CREDIT_BODY.unpack(frames[5])[0])
+            if refused is not None:
+                self.bad_frame("group_limit")
+                self._refuse(frames[0], p.CONSUME, frames[3], refused)
 
     def _group_ack(self, frames: list[bytes]) -> None:
-        if len(frames[5]) % p.OFFSET.size:
-            self.bad_frame("unknown_command")
+        size = len(frames[5])
+        if size % p.OFFSET.size or not 0 < size <= p.MAX_ACK_OFFSETS * p.OFFSET.size:
+            self.bad_frame("bad_group_ack")
             return
         found = self._group_frame(frames, "bad_group_ack")
-        if found is not None and not self.groups.acknowledge(*found, frames[5]):
+        if found is None:
+            return
+        foreign = self.groups.acknowledge(frames[0], *found, frames[5])
+        if foreign is None:
             self.bad_frame("bad_group_ack")
+            self._refuse(frames[0], p.GROUP_ACK, frames[3], "unknown group")
+        elif foreign:
+            self.bad_frame("foreign_ack")
 
     def _leave(self, frames: list[bytes]) -> None:
-        topic = self._topic(frames[3])
-        group = _name(frames[4], valid_group)
-        if topic is not None and group is not None:
-            self.groups.leave(frames[0], topic, group)
+        found = self._group_frame(frames, "bad_leave", refuse=False)
+        if found is not None:
+            self.groups.leave(frames[0], *found)

@@ -18,10 +18,10 @@ from common.names import valid_topic
 
 from . import protocol as p
 from .config import BrokerConfig
-from .groups import Delivery, Group, GroupMember
-from .registry import TopicRegistry
+from .groups import FOREIGN, Delivery, Group, GroupMember
+from .registry import TopicLimit, TopicRegistry, in_thread
 from .segmentlog import LogUnavailable
-from .topic import Span, Topic
+from .topic import ProducerLimit, Span, Topic
 from .transport import ZMQ_GONE, ZMQ_SENT, Transport
 
 log = logging.getLogger("broker")
@@ -31,12 +31,14 @@ class GroupCoordinator:
     def __init__(self, config: BrokerConfig, registry: TopicRegistry, transport: Transport, on_durable: Callable[[Topic, Span], None]):
         self.ack_timeout_s = config.ack_timeout_s
         self.max_deliveries = config.max_deliveries
-        self.max_credit = config.subscriber_queue * 100
+        self.max_credit = config.subscriber_queue * 10  # unacknowledged messages one member may hold (1,000 by default)
+        self.max_groups = config.limits.max_groups
+        self.max_members = config.limits.max_subscribers
+        self._loads: set[asyncio.Task] = set()  # batches being read ahead from logs
         self.registry = registry
         self.transport = transport
         self.on_durable = on_durable  # a dead letter reaches the .dlq topic's subscriptions and groups
-        self._dlq_producer = os.urandom(p.PRODUCER_ID_BYTES)  # the broker's own id for dead letters
-        self._dlq_seq = 0
+        self._dlq_producer = os.urandom(p.PRODUCER_ID_BYTES)  # the broker's own id for dead letters (its sequence is per .dlq topic)
         self._armed = asyncio.Event()  # set when a delivery goes out: the redelivery timer has something to wait for
 
     def group(self, topic: Topic, name: str, create: bool = True) -> Group | None:
@@ -48,24 +50,34 @@ class GroupCoordinator:
             log.info("Broker: group %r of topic %r starts at offset %d", name, topic.name, group.committed)
         return group
 
-    def consume(self, identity: bytes, topic: Topic, name: str, credit: int) -> None:
+    def consume(self, identity: bytes, topic: Topic, name: str, credit: int) -> str | None:
+        """A CONSUME: join (or refresh). Returns why it was refused (--max-groups, --max-subscribers), else None."""
+        if name not in topic.groups and len(topic.groups) >= self.max_groups:
+            return "too many groups"
         group = self.group(topic, name)
         member = group.members.get(identity)
         if member is None:
+            if len(group.members) >= self.max_members:
+                return "too many members"
             member = group.members[identity] = GroupMember(identity, 0)
         member.credit = max(1, min(credit, self.max_credit))
         self.dispatch(topic, group)
+        return None
 
-    def acknowledge(self, topic: Topic, name: str, offsets: bytes) -> bool:
-        """A GROUP_ACK; False if the group is unknown."""
+    def acknowledge(self, identity: bytes, topic: Topic, name: str, offsets: bytes) -> int | None:
+        """A GROUP_ACK from the connection `identity`; None if the group is unknown, else how many
+        of the offsets were delivered to another connection (those are counted and ignored)."""
         group = self.group(topic, name, create=False)
         if group is None:
-            return False
+            return None
+        foreign = 0
         for (offset,) in p.OFFSET.iter_unpack(offsets):
-            group.acknowledge(offset)
-        group.save()
+            if group.acknowledge(offset, identity) == FOREIGN:
+                foreign += 1
+        group.foreign_acks += foreign
+        group.save(background=in_thread)
         self.dispatch(topic, group)
-        return True
+        return foreign
 
     def leave(self, identity: bytes, topic: Topic, name: str) -> None:
         group = self.group(topic, name, create=False)
@@ -85,8 +97,8 @@ class GroupCoordinator:
         while (member := group.next_member()) is not None:
             if group.retry:
                 delivery = group.retry.popleft()
-            elif group.ahead or self._read_ahead(topic, group):
-                delivery = group.ahead.popleft()
+            elif group.ahead is not None or self._read_ahead(topic, group):
+                delivery = group.take_ahead()
             else:
                 return
             delivery.deliveries += 1
@@ -109,18 +121,18 @@ class GroupCoordinator:
             if delivery.deliveries > 1:
                 group.redelivered += 1
 
-    @staticmethod
-    def _read_ahead(topic: Topic, group: Group) -> bool:
-        """Load the next span the group has not handed out yet; False if there is none."""
-        for span in topic.history(group.next_offset):
-            if span.first_offset > group.next_offset:  # retention removed what the group never read
-                if group.committed == group.next_offset and not group.inflight:
-                    group.committed = span.first_offset
-                group.next_offset = span.first_offset
-            for i, message in enumerate(span.body.split(p.SEPARATOR)):
-                group.ahead.append(Delivery(span.first_offset + i, message, span.producer, span.first_seq + i, span.received_ns))
-            group.next_offset = span.first_offset + span.count
-            return True
+    def _read_ahead(self, topic: Topic, group: Group) -> bool:
+        """Hold the next stored batch the group has not handed out yet (its messages are taken one
+        at a time, as members have credit); False if there is none now. A persisted log is read
+        off the event loop: False meanwhile, and the group is dispatched again once it is read."""
+        if group.next_offset >= topic.next_offset or group.loading:
+            return False
+        if topic.log is None:
+            return self._hold(group, next(topic.history(group.next_offset), None))
+        group.loading = True
+        task = asyncio.get_running_loop().create_task(self._load(topic, group))
+        self._loads.add(task)
+        task.add_done_callback(self._loads.discard)
         return False
 
     async def _until_first_deadline(self) -> None:
@@ -131,6 +143,29 @@ class GroupCoordinator:
             await self._armed.wait()
             return
         await asyncio.sleep(max(0.001, min(deadlines) - time.monotonic()))
+
+    async def _load(self, topic: Topic, group: Group) -> None:
+        offset = group.next_offset
+        try:
+            span = await asyncio.get_running_loop().run_in_executor(None, lambda: next(topic.history(offset), None))
+        except Exception:  # the next dispatch tries again
+            log.exception("Broker: group %r of %r cannot read offset %d from the log", group.name, topic.name, offset)
+            return
+        finally:
+            group.loading = False
+        if group.next_offset == offset and topic.groups.get(group.name) is group and self._hold(group, span):
+            self.dispatch(topic, group)
+
+    @staticmethod
+    def _hold(group: Group, span: Span | None) -> bool:
+        if span is None:
+            return False
+        if span.first_offset > group.next_offset:  # retention removed what the group never read
+            if group.committed == group.next_offset and not group.inflight:
+                group.committed = span.first_offset
+            group.next_offset = span.first_offset
+        group.ahead, group.ahead_at = span, 0
+        return True
 
     async def expire_deliveries(self) -> None:
         """The redelivery timer: messages not acknowledged in time go back to their group, or to the dead-letter topic."""
@@ -147,7 +182,7 @@ class GroupCoordinator:
                         else:
                             group.retry.append(delivery)
                     if expired:
-                        group.save()
+                        group.save(background=in_thread)
                         self.dispatch(topic, group)
 
     def _dead_letter(self, topic: Topic, group: Group, delivery: Delivery) -> None:
@@ -155,16 +190,17 @@ class GroupCoordinator:
         head = orjson.dumps({"topic": topic.name, "group": group.name, "offset": delivery.offset, "deliveries": delivery.deliveries, "reason": reason})
         body = head[:-1] + b',"message":' + delivery.payload + b"}"  # the original bytes, unchanged
         dlq_name = f"{topic.name}.dlq"
-        dlq = self.registry.get(dlq_name) if valid_topic(dlq_name) else None
         try:
+            dlq = self.registry.get(dlq_name) if valid_topic(dlq_name) else None
             if dlq is None:
                 raise LogUnavailable("the topic name is too long for a .dlq topic")
-            span = dlq.append(self._dlq_producer, self._dlq_seq, 1, body)
-        except LogUnavailable as exc:
+            producer = dlq.producers.get(self._dlq_producer)
+            span = dlq.append(self._dlq_producer, producer.next_seq if producer is not None else 0, 1, body)
+        except (LogUnavailable, TopicLimit, ProducerLimit) as exc:
+            exc = exc if isinstance(exc, LogUnavailable) else "--max-topics reached" if isinstance(exc, TopicLimit) else "--max-producers reached"
             log.error("Broker: cannot dead-letter offset %d of %r (%s); it stays with group %r", delivery.offset, topic.name, exc, group.name)
             group.retry.append(delivery)
             return
-        self._dlq_seq += 1
         group.dead_lettered += 1
         group.done(delivery.offset)
         if dlq.log is not None and dlq.log.fsync != "never":
@@ -176,6 +212,8 @@ class GroupCoordinator:
 
     def close_all(self, topics: dict[str, Topic]) -> None:
         """The broker is going away: tell every member (CLOSING); what they hold is delivered again after a restart."""
+        for task in self._loads:
+            task.cancel()
         for topic in topics.values():
             for group in topic.groups.values():
                 for identity in group.members:

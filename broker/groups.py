@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import orjson
 
+from .safefs import make_private_dir, open_read, write_private
+
 log = logging.getLogger("broker.groups")
 
 COMMIT_INTERVAL_S = 0.2
+UNKNOWN, ACKED, FOREIGN = range(3)  # what an acknowledgment did (Group.acknowledge)
 
 
 @dataclass(slots=True)
@@ -61,14 +65,18 @@ class Group:
     members: dict[bytes, GroupMember] = field(default_factory=dict)
     inflight: dict[int, Delivery] = field(default_factory=dict)
     retry: deque[Delivery] = field(default_factory=deque)  # timed out, waiting for a consumer
-    ahead: deque[Delivery] = field(default_factory=deque)  # read from the topic, not yet handed out
+    ahead: object = None  # the stored batch (a topic Span) `next_offset` is in, handed out one message at a time
+    ahead_at: int = 0  # where the message at `next_offset` starts in ahead.body
+    loading: bool = False  # the next batch is being read from the log (off the event loop)
     acked_above: set[int] = field(default_factory=set)  # acknowledged offsets above `committed`
     delivered: int = 0
     redelivered: int = 0
     dead_lettered: int = 0
+    foreign_acks: int = 0  # acknowledgments of messages delivered to another connection (ignored)
     _rr: int = 0
     _saved: int = -1
     _saved_at: float = 0.0
+    _saving: bool = False
 
     @classmethod
     def load(cls, name: str, state_dir: str | None, start: int) -> Group:
@@ -76,10 +84,12 @@ class Group:
         committed = start
         if path is not None:
             try:
-                with open(path, "rb") as f:
-                    committed = max(start, int(orjson.loads(f.read())["committed"]))
+                with open_read(path) as f:
+                    committed = max(start, int(orjson.loads(f.read(4096))["committed"]))
             except FileNotFoundError:
                 pass
+            except OSError as exc:  # e.g. a symbolic link: refused, not followed
+                log.warning("Group %s: cannot read its committed offset in %s (%s); starting at %d", name, path, exc.strerror or exc, start)
             except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
                 log.warning("Group %s: unreadable committed offset in %s; starting at %d", name, path, start)
         return cls(name, committed, committed, path)
@@ -94,18 +104,41 @@ class Group:
                 return member
         return None
 
-    def acknowledge(self, offset: int) -> Delivery | None:
-        """An acknowledgment counts for a message in flight and for one waiting for redelivery
-        (its member left, or its ack timed out, while the acknowledgment was on its way)."""
+    def take_ahead(self) -> Delivery | None:
+        """The message at `next_offset` from the batch read ahead (None when it is used up)."""
+        span = self.ahead
+        if span is None:
+            return None
+        index = self.next_offset - span.first_offset
+        start = self.ahead_at
+        end = span.body.find(b"\n", start)
+        payload = span.body[start:] if end < 0 else span.body[start:end]
+        self.ahead_at = end + 1
+        self.next_offset += 1
+        if index + 1 >= span.count:
+            self.ahead, self.ahead_at = None, 0
+        return Delivery(span.first_offset + index, payload, span.producer, span.first_seq + index, span.received_ns)
+
+    def acknowledge(self, offset: int, identity: bytes) -> int:
+        """An acknowledgment from the connection `identity` counts for a message in flight with it
+        and for one waiting for redelivery that was delivered to it last (its ack timed out, or it
+        left, while the acknowledgment was on its way). Returns ACKED, FOREIGN (delivered to
+        someone else: ignored) or UNKNOWN (late: dead-lettered or acknowledged already)."""
+        if offset < self.committed or offset >= self.next_offset or offset in self.acked_above:
+            return UNKNOWN  # never handed out, or done already: no search
         delivery = self.inflight.get(offset)
         if delivery is not None:
+            if delivery.member != identity:
+                return FOREIGN
             self.take_back(delivery)
         else:
-            delivery = self._take_from_retry(offset)
+            delivery = self._take_from_retry(offset, identity)
             if delivery is None:
-                return None  # late (dead-lettered, or acknowledged already), or unknown
+                return UNKNOWN
+            if delivery is FOREIGN:
+                return FOREIGN
         self.done(offset)
-        return delivery
+        return ACKED
 
     def take_back(self, delivery: Delivery) -> None:
         """The delivery is no longer in flight with its member."""
@@ -114,9 +147,11 @@ class Group:
         if member is not None:
             member.holding -= 1
 
-    def _take_from_retry(self, offset: int) -> Delivery | None:
+    def _take_from_retry(self, offset: int, identity: bytes):
         for delivery in self.retry:
             if delivery.offset == offset:
+                if delivery.member != identity:
+                    return FOREIGN
                 self.retry.remove(delivery)
                 return delivery
         return None
@@ -139,24 +174,39 @@ class Group:
             del self.inflight[delivery.offset]
             self.retry.append(delivery)
 
-    def save(self, force: bool = False) -> None:
-        if self.state_path is None or self.committed == self._saved:
+    def save(self, force: bool = False, background=None) -> None:
+        """Write the committed offset (at most every COMMIT_INTERVAL_S unless `force`); with
+        `background` (a callable running work off the event loop) the write and its fsync run there."""
+        if self.state_path is None or self.committed == self._saved or (self._saving and not force):
             return
         now = time.monotonic()
         if not force and now - self._saved_at < COMMIT_INTERVAL_S:
             return
-        tmp = self.state_path + ".tmp"
+        committed = self.committed
+        if background is None:
+            self._write(committed, now)
+            return
+        self._saving = True
+
+        def work() -> None:
+            try:
+                self._write(committed, now)
+            finally:
+                self._saving = False
+
+        background(work)
+
+    def _write(self, committed: int, now: float) -> None:
+        tmp = f"{self.state_path}.{threading.get_ident()}.tmp"  # a write at close may overlap one in the background
         try:
-            os.makedirs(os.path.dirname(self.state_path), exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(orjson.dumps({"committed": self.committed}))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.state_path)
+            make_private_dir(os.path.dirname(self.state_path))
+            write_private(tmp, orjson.dumps({"committed": committed}))
+            os.replace(tmp, self.state_path)  # replaces a link itself, never what it points to
         except OSError as exc:
             log.error("Group %s: cannot save its committed offset to %s: %s", self.name, self.state_path, exc.strerror or exc)
             return
-        self._saved, self._saved_at = self.committed, now
+        if committed >= self._saved:
+            self._saved, self._saved_at = committed, now
 
     def stats(self, topic_next_offset: int) -> dict:
         return {
@@ -167,4 +217,5 @@ class Group:
             "delivered": self.delivered,
             "redelivered": self.redelivered,
             "dead_lettered": self.dead_lettered,
+            "foreign_acks": self.foreign_acks,
         }

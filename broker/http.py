@@ -1,9 +1,10 @@
 """The broker's HTTP side (aiohttp): statistics, health, the live stream and the web console.
 
-    GET /                 the web console (broker.webconsole; its files under /console/)
+    GET /                 the web console (common.webconsole; its files under /console/)
     GET /stats            every topic's stats, and broker-wide counters
     GET /stats/<topic>    one topic's stats; 404 with a JSON error if the topic is unknown
-    GET /healthz          200 while the broker is serving; 503 while a topic's log cannot be written
+    GET /healthz          200 while the broker is serving; 503 while a topic's log cannot be written,
+                          or once one of its tasks died (`failure`)
     GET /readyz           200 while serving, 503 once a drain has begun
     GET /metrics          Prometheus text format (broker.metrics)
     GET /topics/<topic>/stream   new messages as Server-Sent Events, one event per message:
@@ -15,12 +16,13 @@
                           {"missed": N, "reason": ...} (N null when unknown: the offset is past
                           the topic's end, as after a restart without persistence). A live
                           reader whose queue overflowed gets `event: missed` {"missed": N}. When the broker
-                          shuts down, the stream ends with `event: shutdown`.
+                          shuts down, the stream ends with `event: shutdown`. Beyond --max-sse
+                          open streams: 503.
 
 Every error, including unknown paths and wrong methods, is a JSON object {"error": ...}.
 With --http-token-file every path but /healthz, /readyz and the console's files wants
 `Authorization: Bearer <token>` (401 otherwise); with --http-tls-cert/--http-tls-key it is HTTPS
-(broker.httpauth).
+(common.httpauth; the shared helpers are in common.web).
 """
 
 from __future__ import annotations
@@ -31,33 +33,16 @@ import logging
 import orjson
 from aiohttp import web
 
-from .config import HttpSecurity
-from .httpauth import tls_context, token_middleware
+from common.web import json_errors, json_response, secured_app, serve_app
+from common.webconsole import add_console
+
 from .protocol import SEPARATOR
 from .subscriptions import SSE_SHUTDOWN
-from .webconsole import add_console
 
 log = logging.getLogger("broker.http")
 
 BROKER = web.AppKey("broker", object)
 SSE_RETRY_MS = 2000  # the reconnect delay the stream asks EventSource clients for
-
-
-def json_response(data: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
-
-
-@web.middleware
-async def json_errors(request: web.Request, handler):
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.content_type == "application/json":
-            raise
-        return json_response({"error": exc.reason, "path": request.path}, status=exc.status)
-    except Exception:
-        log.exception("HTTP: error while answering %s %s", request.method, request.path)
-        return json_response({"error": "internal error"}, status=500)
 
 
 async def _all_stats(request: web.Request) -> web.Response:
@@ -76,7 +61,7 @@ async def _healthz(request: web.Request) -> web.Response:
     broker = request.app[BROKER]
     if not broker.healthy:
         errors = {name: t.log.error for name, t in broker.topics.items() if t.log is not None and t.log.error}
-        return json_response({"status": "unhealthy", "log_errors": errors}, status=503)
+        return json_response({"status": "unhealthy", "log_errors": errors, "failure": getattr(broker, "failure", None)}, status=503)
     return json_response({"status": "ok"})
 
 
@@ -105,9 +90,11 @@ def _resume_from(request: web.Request) -> int | None:
 async def _catch_up(response: web.StreamResponse, topic, cursor: int) -> int:
     """Send what the topic still holds from `cursor` up to its end (the log or the in-memory
     window), with a `missed` event for whatever it no longer holds; returns the new cursor."""
+    loop = asyncio.get_running_loop()
     while cursor < topic.next_offset:
         sent = False
-        for span in topic.history(cursor):
+        spans = topic.history(cursor)
+        while (span := next(spans, None) if topic.log is None else await loop.run_in_executor(None, next, spans, None)) is not None:  # the log: off the loop
             if span.first_offset > cursor:  # retention removed these before we could send them
                 await response.write(_missed(span.first_offset - cursor, "no longer held"))
             await response.write(_events(span))
@@ -128,6 +115,8 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     topic = broker.topics.get(name)
     if topic is None:
         return json_response({"error": f"unknown topic {name!r}"}, status=404)
+    if not broker.sse_allowed():  # --max-sse
+        return json_response({"error": "too many streams; retry later"}, status=503)
     resume = _resume_from(request)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await response.prepare(request)
@@ -170,12 +159,6 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=request.app[BROKER].metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
-def secured_app(security: HttpSecurity, *middlewares) -> web.Application:
-    """An application that wants the token first (if there is one), then runs `middlewares`."""
-    first = [token_middleware(security.token)] if security.token else []
-    return web.Application(middlewares=[*first, *middlewares])
-
-
 def make_app(broker) -> web.Application:
     app = secured_app(broker.config.http_security, json_errors)
     app[BROKER] = broker
@@ -192,25 +175,3 @@ def make_app(broker) -> web.Application:
 async def start_http(broker, host: str, port: int, shutdown_timeout: float = 60.0) -> tuple[web.AppRunner, str]:
     """Serve the broker's app on host:port (0 picks a free port); returns the runner and the base URL."""
     return await serve_app(make_app(broker), host, port, shutdown_timeout, security=broker.config.http_security)
-
-
-async def serve_app(
-    app: web.Application, host: str, port: int, shutdown_timeout: float = 60.0, security: HttpSecurity | None = None
-) -> tuple[web.AppRunner, str]:
-    """Serve an app on host:port (0 picks a free port) in the running loop, over HTTPS if
-    `security` has a certificate; (runner, base URL). At cleanup, handlers still running after
-    `shutdown_timeout` s are cancelled. Raises OSError if the address cannot be bound,
-    HttpSecurityError if the certificate cannot be used."""
-    ssl_context = tls_context(security.tls_cert, security.tls_key) if security is not None and security.tls_cert else None
-    # handler_cancellation: a stream's handler ends when its client leaves, not at its next write
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True, shutdown_timeout=shutdown_timeout)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
-    try:
-        await site.start()
-    except OSError:
-        await runner.cleanup()
-        raise
-    bound_host, bound_port = runner.addresses[0][:2]
-    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    return runner, f"{'https' if ssl_context else 'http'}://{shown}:{bound_port}"

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from . import protocol as p
 from .segmentlog import LogUnavailable
 from .storage import FsyncPolicy
-from .topic import SequenceGap, Span, Topic
+from .topic import ProducerLimit, SequenceGap, Span, Topic
 from .transport import Transport
 
 
@@ -37,6 +37,9 @@ class Ingest:
             span = topic.append(producer_id, first_seq, count, body)
         except SequenceGap as gap:
             self.refuse(identity, topic, producer_id, first_seq, count, p.NACK_SEQUENCE, "sequence gap", gap.expected)
+        except ProducerLimit:
+            topic.rejected["producer_limit"] += count
+            self.refuse(identity, topic, producer_id, first_seq, count, p.NACK_UNAVAILABLE, "too many producers on this topic; retry later")
         except LogUnavailable as exc:
             self.refuse(identity, topic, producer_id, first_seq, count, p.NACK_UNAVAILABLE, f"log write failed: {exc}")
         else:
@@ -59,12 +62,25 @@ class Ingest:
         self._replies.append(entry)
         self._last_reply[identity] = entry
 
-    def commit(self, started: float | None = None) -> None:
+    def commit(self, started: float | None = None):
         """End of a burst: fsync what the policy wants synced, then send the replies, then hand
-        the durable spans on. `started` (perf_counter) times the burst for the ack latency."""
+        the durable spans on. `started` (perf_counter) times the burst for the ack latency.
+        Returns None when done, or (--fsync=always with something written) a coroutine that
+        syncs off the event loop and then finishes; the receive loop awaits it before reading on."""
         replies, self._replies = self._replies, []
         self._last_reply.clear()
-        failed = self.fsync.sync_for_acks({id(t): t for _, t, _, _ in replies if t is not None}.values())
+        fanout, self._fanout = self._fanout, []
+        acked, self._acked_in_burst = self._acked_in_burst, False
+        due = self.fsync.due_for_acks({id(t): t for _, t, _, _ in replies if t is not None}.values())
+        if due:
+            return self._finish_after_sync(due, replies, fanout, acked, started)
+        self._finish(set(), replies, fanout, acked, started)
+        return None
+
+    async def _finish_after_sync(self, due, replies, fanout, acked, started) -> None:
+        self._finish(await self.fsync.sync_for_acks(due), replies, fanout, acked, started)
+
+    def _finish(self, failed: set[int], replies: list[list], fanout: list, acked: bool, started: float | None) -> None:
         send = self.transport.send
         for identity, topic, frames, ack in replies:
             if ack is not None:
@@ -74,11 +90,8 @@ class Ingest:
                     frames = p.ack_frames(*ack)
                     topic.acks += 1
             send(identity, frames)
-        fanout, self._fanout = self._fanout, []
         for topic, span in fanout:
             if id(topic) not in failed:
                 self.on_durable(topic, span)
-        if self._acked_in_burst:
-            if started is not None:
-                self.burst_seconds.observe(time.perf_counter() - started)
-            self._acked_in_burst = False
+        if acked and started is not None:
+            self.burst_seconds.observe(time.perf_counter() - started)

@@ -4,14 +4,33 @@ CURVE keys and HTTP protection, and what they turn into."""
 from __future__ import annotations
 
 import functools
+import os
 
 import click
 
 from common.options import Duration, Size, bool_flag, stack
 
-from .config import CurveConfig, HttpSecurity, PersistenceConfig
+from .config import CurveConfig, HttpSecurity, Limits, PersistenceConfig
 from .curve import ClientKeys, KeyFileError, load_authorized_keys, load_key_pair
 from .segmentlog import FSYNC_POLICIES
+
+
+def default_state_dir() -> str:
+    """Where the logs live unless told: the user's state directory (XDG Base Directory
+    specification), never a world-writable place such as /tmp. The image sets /var/lib/telemetry."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "telemetry-streamer")
+
+
+def persistence_dir_option(env_prefix: str, help_text: str):
+    return click.option(
+        "--persistence-dir",
+        default=default_state_dir,
+        show_default="$XDG_STATE_HOME/telemetry-streamer, else ~/.local/state/telemetry-streamer",
+        show_envvar=True,
+        envvar=env_prefix + "PERSISTENCE_DIR",
+        help=help_text,
+    )
 
 
 def persistence_options(env_prefix: str):
@@ -24,7 +43,7 @@ def persistence_options(env_prefix: str):
             show_envvar=True,
             help="Keep each topic in a disk-persisted log (--persistence, --persistence=true|false).",
         ),
-        option("--persistence-dir", default="/tmp/mq-data", envvar=env_prefix + "PERSISTENCE_DIR", help="Where the logs live (one directory per topic)."),
+        persistence_dir_option(env_prefix, "Where the logs live (one directory per topic; created 0700, files 0600)."),
         option(
             "--segment-bytes", type=Size(minimum=4096), default="64MiB", envvar=env_prefix + "SEGMENT_BYTES", help="Roll to a new segment file at this size."
         ),
@@ -184,7 +203,7 @@ def http_security_options(env_prefix: str):
 
 def http_security(http_token_file: str | None, http_tls_cert: str | None, http_tls_key: str | None) -> HttpSecurity:
     """The HTTP protection, checked now (the token read, the certificate loaded once)."""
-    from .httpauth import HttpSecurityError, read_token_file, tls_context  # aiohttp: only once a server starts
+    from common.httpauth import HttpSecurityError, read_token_file, tls_context  # aiohttp: only once a server starts
 
     if (http_tls_cert is None) != (http_tls_key is None):
         raise click.UsageError("--http-tls-cert and --http-tls-key go together")
@@ -195,3 +214,84 @@ def http_security(http_token_file: str | None, http_tls_cert: str | None, http_t
     except HttpSecurityError as exc:
         raise click.ClickException(str(exc)) from None
     return HttpSecurity(token=token, tls_cert=http_tls_cert, tls_key=http_tls_key)
+
+
+LIMIT_OPTIONS = (
+    "max_topics",
+    "max_groups",
+    "max_producers",
+    "producer_expiry",
+    "max_subscribers",
+    "subscriber_idle",
+    "max_replay_bytes",
+    "max_sse",
+    "max_report_bytes",
+)
+
+
+def limit_options(env_prefix: str):
+    """What any peer may make the broker hold (broker.config.Limits)."""
+    option = functools.partial(click.option, show_envvar=True)
+    d = Limits()
+    decorators = [
+        option(
+            "--max-topics",
+            type=click.IntRange(min=1),
+            default=d.max_topics,
+            envvar=env_prefix + "MAX_TOPICS",
+            help="Topics the broker holds; a PUBLISH to a new topic beyond is refused (NACK U).",
+        ),
+        option("--max-groups", type=click.IntRange(min=1), default=d.max_groups, envvar=env_prefix + "MAX_GROUPS", help="Consumer groups per topic."),
+        option(
+            "--max-producers",
+            type=click.IntRange(min=1),
+            default=d.max_producers,
+            envvar=env_prefix + "MAX_PRODUCERS",
+            help="Producers a topic tracks; a new producer beyond is refused (NACK U) until one expires.",
+        ),
+        option(
+            "--producer-expiry",
+            type=Duration(),
+            default="1h",
+            envvar=env_prefix + "PRODUCER_EXPIRY",
+            help="Forget a producer (and its de-duplication state) idle this long; off = never.",
+        ),
+        option(
+            "--max-subscribers",
+            type=click.IntRange(min=1),
+            default=d.max_subscribers,
+            envvar=env_prefix + "MAX_SUBSCRIBERS",
+            help="ZeroMQ subscribers per topic, and members per consumer group.",
+        ),
+        option(
+            "--subscriber-idle",
+            type=Duration(),
+            default="60s",
+            envvar=env_prefix + "SUBSCRIBER_IDLE",
+            help="Drop a ZeroMQ subscription without credit that has sent nothing this long.",
+        ),
+        option(
+            "--max-replay-bytes",
+            type=Size(minimum=1 << 20),
+            default="256MiB",
+            envvar=env_prefix + "MAX_REPLAY_BYTES",
+            help="Replayed bytes not yet consumed, all subscribers together; replays wait beyond.",
+        ),
+        option("--max-sse", type=click.IntRange(min=1), default=d.max_sse, envvar=env_prefix + "MAX_SSE", help="Server-Sent Events streams, broker-wide."),
+        option(
+            "--max-report-bytes",
+            type=Size(minimum=256),
+            default="16KiB",
+            envvar=env_prefix + "MAX_REPORT_BYTES",
+            help="Largest producer REPORT accepted.",
+        ),
+    ]
+    return stack(decorators)
+
+
+def limits_config(options: dict) -> Limits:
+    """Limits from the click options (popped from `options`)."""
+    values = {name: options.pop(name) for name in LIMIT_OPTIONS}
+    expiry = values.pop("producer_expiry")
+    idle = values.pop("subscriber_idle") or Limits.subscriber_idle_s
+    return Limits(**values, producer_expiry_s=expiry, subscriber_idle_s=idle)

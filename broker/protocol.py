@@ -15,7 +15,13 @@ Producer -> broker
              allocates it (publishers split larger batches, see `batch_bytes`).
     REPORT   | "TLM1" | "R" | topic | producer id (16 B) | JSON object      (no reply)
              the producer's own cumulative counters, e.g. {"name": "worker-0@host",
-             "skipped": {"field_count": 2}}; the broker keeps the latest per producer.
+             "skipped": {"field_count": 2}}; the broker keeps the latest per producer that has
+             published to the topic. Checked against common.reports (known skip reasons, integer
+             counts >= 0) and at most --max-report-bytes; a bad one is counted and ignored.
+
+Only a PUBLISH creates a topic, and only while fewer than --max-topics exist (else NACK "U").
+A new producer beyond --max-producers of the topic: NACK "U" (an idle one expires after
+--producer-expiry, and with it its de-duplication state).
 
 Subscriber -> broker
 
@@ -36,7 +42,9 @@ Consumer (of a group) -> broker
     CONSUME      | "TLM1" | "G" | topic | group | credit (u32)
                  join the group (or refresh): the broker may hand this consumer up to `credit`
                  unacknowledged messages. Sent again when idle, so a broker restart is survived.
-    GROUP_ACK    | "TLM1" | "Y" | topic | group | offsets (u64 each, concatenated)
+    GROUP_ACK    | "TLM1" | "Y" | topic | group | offsets (u64 each, concatenated; 1 to MAX_ACK_OFFSETS)
+                 counts only for messages delivered to this connection (others' offsets are counted
+                 in the group's `foreign_acks` and ignored)
     LEAVE        | "TLM1" | "L" | topic | group     what it held goes back to the group at once
 
 Broker -> consumer
@@ -55,6 +63,10 @@ Broker -> subscriber
 
 Broker -> subscriber, consumer
 
+    ERROR    | "TLM1" | "E" | command (1 B) | topic | reason (UTF-8)
+             the SUBSCRIBE, CONSUME or GROUP_ACK (`command`) was refused: "unknown topic" (only a
+             PUBLISH creates one), "too many subscribers", "too many groups", "too many members".
+             Nothing was changed; a client may retry later (the clients here do so when idle).
     CLOSING  | "TLM1" | "Z" | topic [| group]
              the broker is shutting down: nothing more comes on this subscription (or group
              membership). A subscriber subscribes again, a consumer joins again, when the broker
@@ -102,6 +114,7 @@ LEAVE = b"L"
 MESSAGE = b"M"
 DELIVER = b"D"
 CLOSING = b"Z"
+ERROR = b"E"
 
 FROM_LIVE, FROM_BEGINNING, FROM_OFFSET, FROM_TIME = range(4)
 
@@ -118,6 +131,7 @@ MSG_HEADER = struct.Struct(">QI16sQQ")
 OFFSET = struct.Struct(">Q")
 DELIVER_HEADER = struct.Struct(">QIQ16sQQ")
 PRODUCER_ID_BYTES = 16
+MAX_ACK_OFFSETS = 65536  # offsets in one GROUP_ACK
 DUPLICATE = 2**64 - 1
 
 MAX_MESSAGE_BYTES = 1 << 20  # default per-message cap
@@ -184,6 +198,10 @@ def group_ack_frames(topic: bytes, group: bytes, offsets: list[int]) -> list[byt
 
 def message_frames(topic: bytes, group: bytes, offset: int, deliveries: int, producer: bytes, seq: int, received_ns: int, payload: bytes) -> list[bytes]:
     return [SIGNATURE, MESSAGE, topic, group, MSG_HEADER.pack(offset, deliveries, producer, seq, received_ns), payload]
+
+
+def error_frames(command: bytes, topic: bytes, reason: str) -> list[bytes]:
+    return [SIGNATURE, ERROR, command, topic, reason.encode()]
 
 
 def closing_frames(topic: bytes, group: bytes | None = None) -> list[bytes]:

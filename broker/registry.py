@@ -9,7 +9,8 @@ import os
 
 from common.names import valid_topic
 
-from .config import PersistenceConfig
+from .config import Limits, PersistenceConfig
+from .safefs import is_real_dir, make_private_dir
 from .segmentlog import TopicLog
 from .topic import Topic
 
@@ -20,10 +21,15 @@ class RegistryStartError(Exception):
     """The persistence directory cannot be used; the message is one line for the user."""
 
 
+class TopicLimit(Exception):
+    """--max-topics topics exist already."""
+
+
 class TopicRegistry:
-    def __init__(self, configured: tuple[str, ...], persistence: PersistenceConfig | None):
+    def __init__(self, configured: tuple[str, ...], persistence: PersistenceConfig | None, limits: Limits = Limits()):
         self.configured = configured
         self.persistence = persistence
+        self.limits = limits
         self.topics: dict[str, Topic] = {}
 
     def open(self) -> None:
@@ -32,8 +38,8 @@ class TopicRegistry:
         persistence = self.persistence
         if persistence is not None:
             try:
-                os.makedirs(persistence.directory, exist_ok=True)
-                names += sorted(n for n in os.listdir(persistence.directory) if valid_topic(n) and os.path.isdir(os.path.join(persistence.directory, n)))
+                make_private_dir(persistence.directory)
+                names += sorted(n for n in os.listdir(persistence.directory) if valid_topic(n) and is_real_dir(os.path.join(persistence.directory, n)))
             except OSError as exc:
                 raise RegistryStartError(
                     f"cannot use persistence directory {persistence.directory}: {_directory_problem(persistence.directory, exc)}"
@@ -46,9 +52,12 @@ class TopicRegistry:
                 raise RegistryStartError(f"cannot use persistence directory {where}: {_directory_problem(where, exc)}") from None
 
     def get(self, name: str) -> Topic | None:
-        """The topic `name` (a valid name, see common.names), created on first use; None if its log cannot be created."""
+        """The topic `name` (a valid name, see common.names), created on first use; None if its
+        log cannot be created. Raises TopicLimit when --max-topics topics exist already."""
         topic = self.topics.get(name)
         if topic is None:
+            if len(self.topics) >= self.limits.max_topics:
+                raise TopicLimit()
             try:
                 topic = self._create(name)
             except OSError as exc:
@@ -70,8 +79,8 @@ class TopicRegistry:
                 retention_age_s=persistence.retention_age_s,
             )
             topic_log.open()
-            topic_log.background = _in_thread
-        topic = self.topics[name] = Topic(name, topic_log)
+            topic_log.background = in_thread
+        topic = self.topics[name] = Topic(name, topic_log, self.limits.max_producers)
         return topic
 
     def close(self) -> None:
@@ -83,7 +92,7 @@ class TopicRegistry:
                 topic.log.close()
 
 
-def _in_thread(work) -> None:
+def in_thread(work) -> None:
     """Blocking housekeeping of a log, run in the event loop's default executor."""
     asyncio.get_running_loop().run_in_executor(None, work)
 

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 import google_crc32c
 
 from .protocol import message_count
+from .safefs import make_private_dir, open_fd, open_read
 
 log = logging.getLogger("broker.segmentlog")
 
@@ -154,12 +155,19 @@ class Segment:
         self.index_fd = -1
 
     def open(self) -> None:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)  # recreated if someone removed it
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        """Open (create) the segment and its index: 0600, never through a symbolic link."""
+        make_private_dir(os.path.dirname(self.path))  # recreated if someone removed it
+        fd = open_fd(self.path, os.O_RDWR | os.O_CREAT)
         try:
-            self.index_fd = os.open(self.index_path, os.O_RDWR | os.O_CREAT, 0o644)
+            self.index_fd = open_fd(self.index_path, os.O_RDWR | os.O_CREAT)
+            for descriptor in (fd, self.index_fd):
+                if os.fstat(descriptor).st_mode & 0o077:  # written by an older version: 0644
+                    os.fchmod(descriptor, 0o600)
         except OSError:
             os.close(fd)
+            if self.index_fd >= 0:
+                os.close(self.index_fd)
+                self.index_fd = -1
             raise
         self.fd = fd
 
@@ -214,11 +222,11 @@ class TopicLog:
     # -- recovery ------------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Create or recover the topic directory. Raises OSError if it is unusable."""
-        os.makedirs(self.directory, exist_ok=True)
+        """Create or recover the topic directory (0700, a real directory inside its parent).
+        Raises OSError if it is unusable, or holds a symbolic link where a file of the log should be."""
+        make_private_dir(self.directory, os.path.dirname(self.directory))
         probe = os.path.join(self.directory, ".writable")
-        with open(probe, "w"):
-            pass
+        os.close(open_fd(probe, os.O_WRONLY | os.O_CREAT))  # never through a link: no truncation
         os.unlink(probe)
         bases = list_segments(self.directory)
         for base in bases[:-1]:
@@ -231,7 +239,7 @@ class TopicLog:
     def _walk_older(self, base: int) -> int:
         """Learn producers' sequence numbers from a closed segment's headers; report damage."""
         path = os.path.join(self.directory, segment_name(base) + SEGMENT_SUFFIX)
-        with open(path, "rb") as f:
+        with open_read(path) as f:
             for batch in scan(f, path, verify=False):
                 self.producers[batch.producer] = max(self.producers.get(batch.producer, 0), batch.base_seq + batch.count)
             return f.seek(0, os.SEEK_END)
@@ -240,7 +248,7 @@ class TopicLog:
         seg = self.active
         expected = seg.base_offset
         position = 0
-        with open(seg.path, "rb") as f:
+        with open_read(seg.path) as f:
             end = f.seek(0, os.SEEK_END)
             while True:
                 batch = read_batch(f, position)
@@ -461,8 +469,11 @@ def read_batches(directory: str, from_offset: int = 0, from_time_ns: int | None 
     for base in bases[first:]:
         path = os.path.join(directory, segment_name(base) + SEGMENT_SUFFIX)
         try:
-            f = open(path, "rb")
+            f = open_read(path)
         except FileNotFoundError:  # deleted by retention meanwhile
+            continue
+        except OSError as exc:  # e.g. a symbolic link where a segment should be: refused
+            log.warning("Log %s: cannot read %s: %s", directory, path, exc.strerror or exc)
             continue
         with f:
             if from_time_ns is not None and os.fstat(f.fileno()).st_mtime_ns < from_time_ns:
@@ -487,9 +498,9 @@ def read_records(directory: str, from_offset: int = 0) -> Iterator[tuple[int, Ba
 def _index_position(index_path: str, offset: int) -> int:
     """Where to start reading a segment for `offset`: the last indexed batch at or before it."""
     try:
-        with open(index_path, "rb") as f:
+        with open_read(index_path) as f:
             data = f.read()
-    except FileNotFoundError:
+    except OSError:  # absent, or not a plain file: read the segment from its start
         return 0
     entries = [INDEX_ENTRY.unpack_from(data, i) for i in range(0, len(data) - len(data) % INDEX_ENTRY.size, INDEX_ENTRY.size)]
     keys = [o for o, _ in entries]

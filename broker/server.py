@@ -13,7 +13,9 @@
 
     await broker.run(should_exit)    # or, embedded: start(), then drain() and close() when the host stops
 
-`start()` binds both sockets and starts the tasks; `drain()` says that shutdown has begun
+`start()` binds both sockets and starts the tasks, each supervised: one that ends unexpectedly
+has its traceback logged, /healthz turns 503 and the broker stops (`run` raises BrokerFailed, so
+the process exits non-zero and its supervisor restarts it); `drain()` says that shutdown has begun
 (readiness turns 503, producers are still served so they can flush); `close()` stops receiving,
 tells subscribers, SSE streams and group consumers that the broker is going away, makes the logs
 and groups' offsets safe and closes the sockets.
@@ -23,12 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+
+from common.httpauth import HttpSecurityError
 
 from . import host
 from .config import BrokerConfig
 from .dispatch import FrameDispatcher
 from .group_coordinator import GroupCoordinator
-from .httpauth import HttpSecurityError
 from .ingest import Ingest
 from .metrics import Metrics
 from .registry import RegistryStartError, TopicRegistry
@@ -44,20 +48,30 @@ log = logging.getLogger("broker")
 HTTP_SHUTDOWN_TIMEOUT_S = 2.0  # an HTTP handler still busy this long after close (a stuck SSE client) is cancelled
 
 
+PRODUCER_EXPIRY_CHECK_S = 10.0  # how often idle producers are looked for (at most; less if --producer-expiry is short)
+
+
 class BrokerStartError(Exception):
     """The broker cannot start (address in use, bad address, unusable directory); the message is one line for the user."""
+
+
+class BrokerFailed(Exception):
+    """One of the broker's tasks ended unexpectedly (its traceback is logged); the broker stopped."""
 
 
 class Broker:
     def __init__(self, config: BrokerConfig):
         self.config = config
         self.draining = False
+        self.failure: str | None = None  # set when a supervised task ended unexpectedly
+        self.failed = asyncio.Event()
+        self.on_failure = None  # called (no arguments) when a task fails, e.g. the embedding process's stop
         self.http_url = ""
         self._http = None
         self._tasks: list[asyncio.Task] = []
         throttle = LogThrottle()
         self.metrics = Metrics(self)
-        self.registry = TopicRegistry(config.topics, config.persistence)
+        self.registry = TopicRegistry(config.topics, config.persistence, config.limits)
         self.transport = Transport(config, throttle)
         self.fsync = FsyncPolicy(self.registry.topics, self.metrics.fsync_seconds)
         self.subscriptions = Subscriptions(config, self.transport)
@@ -76,11 +90,17 @@ class Broker:
     # -- the story -----------------------------------------------------------------------------
 
     async def run(self, should_exit: asyncio.Event) -> None:
-        """Start, serve until `should_exit` is set, drain, close."""
+        """Start, serve until `should_exit` is set (or a task fails), drain, close. Raises BrokerFailed."""
         await self.start()
-        await should_exit.wait()
+        stopping = asyncio.create_task(should_exit.wait())
+        failing = asyncio.create_task(self.failed.wait())
+        await asyncio.wait({stopping, failing}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        failing.cancel()
         self.drain()
         await self.close()
+        if self.failure is not None:
+            raise BrokerFailed(self.failure)
 
     async def start(self) -> None:
         """Bind ZeroMQ and HTTP (port 0 picks a free port) and start serving."""
@@ -103,14 +123,15 @@ class Broker:
         except OSError as exc:
             await self.close()
             raise BrokerStartError(f"cannot listen for HTTP on {cfg.http_host}:{cfg.http_port}: {exc.strerror or exc}") from None
-        self._tasks = [
-            asyncio.create_task(self.transport.receive(self.dispatcher.handle, self.ingest.commit)),
-            asyncio.create_task(self.statistics.sample_rates()),
-            asyncio.create_task(self.groups.expire_deliveries()),
-            asyncio.create_task(self.transport.watch_connections()),
-        ]
+        self._supervise("receive", self.transport.receive(self.dispatcher.handle, self.ingest.commit))
+        self._supervise("rates", self.statistics.sample_rates())
+        self._supervise("redelivery", self.groups.expire_deliveries())
+        self._supervise("connections", self.transport.watch_connections())
+        self._supervise("idle subscriptions", self.subscriptions.expire_idle(self.registry.topics))
+        if cfg.limits.producer_expiry_s is not None:
+            self._supervise("producer expiry", self._expire_producers(cfg.limits.producer_expiry_s))
         if cfg.persistence is not None and cfg.persistence.fsync == "interval":
-            self._tasks.append(asyncio.create_task(self.fsync.sync_periodically(cfg.persistence.fsync_interval_s)))
+            self._supervise("fsync", self.fsync.sync_periodically(cfg.persistence.fsync_interval_s))
         log.info(
             "Broker listening: ZeroMQ %s, HTTP %s (stats at %s/stats/%s)",
             self.zmq_url,
@@ -118,6 +139,32 @@ class Broker:
             self.http_url,
             cfg.topics[0] if cfg.topics else "<topic>",
         )
+
+    def _supervise(self, name: str, coroutine) -> None:
+        """Run a task that should run until close; if it ends otherwise, the broker fails."""
+        task = asyncio.create_task(coroutine, name=f"broker {name}")
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        if task.cancelled() or task not in self._tasks:
+            return  # closing
+        exc = task.exception()
+        log.critical("Broker: task %r ended unexpectedly; the broker stops", task.get_name(), exc_info=exc)
+        if self.failure is None:
+            self.failure = f"task {task.get_name()!r} ended: {exc!r}"
+            self.failed.set()
+            if self.on_failure is not None:
+                self.on_failure()
+
+    async def _expire_producers(self, expiry_s: float) -> None:
+        """Forget producers idle longer than --producer-expiry (see Topic.expire_producers)."""
+        while True:
+            await asyncio.sleep(min(PRODUCER_EXPIRY_CHECK_S, expiry_s / 4))
+            idle_before = time.time() - expiry_s
+            for topic in list(self.registry.topics.values()):
+                if topic.expire_producers(idle_before):
+                    log.debug("Broker: topic %r forgot idle producers", topic.name)
 
     def drain(self) -> None:
         """Shutdown has begun: readiness fails from now on, but producers are still served."""
@@ -169,7 +216,7 @@ class Broker:
 
     @property
     def healthy(self) -> bool:
-        return self.statistics.healthy()
+        return self.failure is None and self.statistics.healthy()
 
     def local_endpoint(self) -> str:
         return self.transport.local_endpoint()
@@ -187,6 +234,9 @@ class Broker:
 
     def topic_stats(self, name: str) -> dict | None:
         return self.statistics.topic_stats(name)
+
+    def sse_allowed(self) -> bool:
+        return self.subscriptions.sse_allowed()
 
     def add_sse_subscriber(self, topic: Topic) -> Subscription:
         return self.subscriptions.add_sse(topic)

@@ -1,6 +1,7 @@
 """What decides when a topic's log is fsynced (the --fsync policy), around broker.segmentlog:
 
-    always    before a burst's acknowledgments go out, one fsync per written log (sync_for_acks)
+    always    before a burst's acknowledgments go out, one fsync per written log, off the event
+              loop (due_for_acks, then sync_for_acks; the receive loop waits, other tasks run)
     interval  at most every --fsync-interval, off the event loop (sync_periodically, a task)
     never     the page cache decides (and close)
 
@@ -27,18 +28,22 @@ class FsyncPolicy:
         self.topics = topics
         self.fsync_seconds = fsync_seconds  # a Histogram: how long each fsync took
 
-    def sync_for_acks(self, topics: Iterable[Topic]) -> set[int]:
-        """fsync what --fsync=always wants synced before these topics' acknowledgments go out;
-        returns the ids of the topics whose log could not be synced (their acks become NACKs)."""
+    @staticmethod
+    def due_for_acks(topics: Iterable[Topic]) -> list[Topic]:
+        """The topics whose log --fsync=always wants synced before their acknowledgments go out."""
+        return [t for t in topics if t.log is not None and t.log.fsync == "always" and t.log.dirty]
+
+    async def sync_for_acks(self, due: list[Topic]) -> set[int]:
+        """fsync these topics' logs off the event loop; returns the ids of the topics whose log
+        could not be synced (their acks become NACKs)."""
+        loop = asyncio.get_running_loop()
         failed: set[int] = set()
-        for topic in topics:
-            topic_log = topic.log
-            if topic_log is not None and topic_log.fsync == "always" and topic_log.dirty:
-                try:
-                    with self.fsync_seconds.time():
-                        topic_log.sync()
-                except LogUnavailable:
-                    failed.add(id(topic))
+        for topic in due:
+            try:
+                with self.fsync_seconds.time():
+                    await loop.run_in_executor(None, topic.log.sync)
+            except LogUnavailable:
+                failed.add(id(topic))
         return failed
 
     def _until_next_sync(self, interval: float) -> float:

@@ -54,6 +54,10 @@ class Producer:
     report: dict = field(default_factory=dict)  # the producer's latest REPORT
 
 
+class ProducerLimit(Exception):
+    """The topic tracks --max-producers producers already; a new one must wait until one expires."""
+
+
 class SequenceGap(Exception):
     """The batch starts past the producer's next expected sequence number."""
 
@@ -63,8 +67,9 @@ class SequenceGap(Exception):
 
 
 class Topic:
-    def __init__(self, name: str, log: TopicLog | None = None):
+    def __init__(self, name: str, log: TopicLog | None = None, max_producers: int = 1000):
         self.name = name
+        self.max_producers = max_producers
         self.log = log  # the disk-persisted log, or None for a memory-only topic
         self.next_offset = 0
         self.messages = 0
@@ -84,16 +89,20 @@ class Topic:
         self.rate_window = RateWindow(self.created)
         if log is not None:  # continue where the log ends, and keep recognising retries
             self.next_offset = log.next_offset
-            self.producers = {pid: Producer(next_seq=seq) for pid, seq in log.producers.items()}
+            now = time.time()  # from here on they may expire like any other
+            self.producers = {pid: Producer(next_seq=seq, last_seen=now) for pid, seq in log.producers.items()}
 
     def append(self, producer_id: bytes, first_seq: int, count: int, body: bytes) -> Span:
         """Accept a batch; returns the Span stored (first offset DUPLICATE and count 0 if none).
 
-        Raises SequenceGap when messages before `first_seq` are missing, and LogUnavailable when
-        the log cannot store the batch (then nothing about the topic has changed).
+        Raises SequenceGap when messages before `first_seq` are missing, ProducerLimit for a new
+        producer beyond max_producers, and LogUnavailable when the log cannot store the batch
+        (then nothing about the topic has changed).
         """
         producer = self.producers.get(producer_id)
         if producer is None:
+            if len(self.producers) >= self.max_producers:
+                raise ProducerLimit()
             producer = self.producers[producer_id] = Producer(next_seq=first_seq)
         producer.last_seen = time.time()
         expected = producer.next_seq
@@ -150,6 +159,15 @@ class Topic:
             spans = (s for s in list(self.recent) if s.first_offset + s.count > from_offset and (from_time_ns is None or s.received_ns >= from_time_ns))
         for span in spans:
             yield span.from_offset(from_offset)
+
+    def expire_producers(self, idle_before: float) -> int:
+        """Forget producers last seen before `idle_before` (wall clock): their counters, report
+        and de-duplication state. A producer that comes back afterwards is taken as new: a batch
+        it resends from before its expiry is stored again (see the README's "Limits")."""
+        idle = [pid for pid, producer in self.producers.items() if producer.last_seen < idle_before]
+        for pid in idle:
+            del self.producers[pid]
+        return len(idle)
 
     def sample_rate(self, now: float) -> None:
         """Called about once a second: remembers the message count for the rate window."""

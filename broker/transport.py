@@ -178,7 +178,7 @@ class Transport:
             return self.url
         return url
 
-    async def receive(self, handle: Callable[[list[bytes]], None], end_burst: Callable[[float], None]) -> None:
+    async def receive(self, handle: Callable[[list[bytes]], None], end_burst: Callable[[float], object]) -> None:
         """Handle frames in bursts: whatever is already queued (up to BURST), then `end_burst(started)`
         (the burst is made durable and answered there).
 
@@ -201,8 +201,8 @@ class Transport:
                         break
                     handle(frames)
                     handled += 1
-                if handled:
-                    end_burst(started)
+                if handled and (pending := end_burst(started)) is not None:
+                    await pending  # e.g. an fsync before the acknowledgments, off the event loop
                 if handled == BURST:
                     await asyncio.sleep(0)  # a backlog must not starve HTTP and signal handling
                     continue

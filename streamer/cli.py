@@ -24,6 +24,8 @@ from broker.options import (
     curve_server_options,
     http_security,
     http_security_options,
+    limit_options,
+    limits_config,
     persistence_config,
     persistence_options,
 )
@@ -277,6 +279,7 @@ def _column_types(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
 )
 @replay_options(option, env)
 @consumer_options(ENV_PREFIX)
+@limit_options(ENV_PREFIX)
 @persistence_options(ENV_PREFIX)
 @nats_options()
 @curve_server_options(ENV_PREFIX)
@@ -344,6 +347,7 @@ def command(
     if is_nats_url(broker_url) and (curve_server_key or curve_client_key):
         raise click.UsageError("--curve-* keys are for our broker (tcp://): NATS takes --nats-creds, --nats-nkey or --nats-tls-*")
     replay_values = {name: persistence.pop(name) for name in REPLAY_OPTIONS}  # the rest are persistence options
+    limits = limits_config(persistence)
     persistence_cfg = persistence_config(**persistence)
     if http_port is None:
         http_port = 8081 if broker_url and not is_nats_url(broker_url) else 8080  # beside a separate broker on 8080
@@ -430,6 +434,7 @@ def command(
             max_deliveries=max_deliveries,
             curve=curve_cfg,
             http_security=http_cfg,
+            limits=limits,
         ),
     )
     setup_logging(log_level, log_format, component="streamer")

@@ -28,6 +28,8 @@ from itertools import chain, islice
 
 import orjson
 
+from common.reports import SKIP_REASONS  # noqa: F401  (the one list of reasons; streamer.csvsource.SKIP_REASONS as before)
+
 from .csvreader import SNIFF_LINES, Malformed, Reader, excel_sep, sniff
 from .infer import BadValue, converters_for
 from .inputs import STDIN, InputError, open_text, rereadable
@@ -39,7 +41,6 @@ CACHE_BYTES = 16 << 20  # encoded rows kept per worker between passes
 _ROW_OVERHEAD = 48  # what one cached bytes object costs beyond its length (object + list slot)
 _LOGGED_SKIPS_PER_PASS = 10
 
-SKIP_REASONS = ("field_count", "invalid_utf8", "field_too_large", "malformed", "bad_value", "message_too_large")
 ENVELOPE_BYTES = 56  # what streamer.message adds around a row's fields: {"timestamp":"<30 chars>","fields":...}
 
 

@@ -1,9 +1,9 @@
 """The streamer's own HTTP when it publishes to a separate broker (--broker-url): health and the
 workers' metrics. (With the embedded broker, its HTTP serves these, with the broker's.)
 
-    GET /          the web console (broker.webconsole), showing what /stats has
+    GET /          the web console (common.webconsole), showing what /stats has
 
---http-token-file, --http-tls-cert/--http-tls-key protect it as they do the broker's (broker.httpauth).
+--http-token-file, --http-tls-cert/--http-tls-key protect it as they do the broker's (common.httpauth).
 
     GET /healthz   200 while the streamer runs (also while it drains)
     GET /readyz    200 while streaming, 503 from the moment a drain begins
@@ -28,8 +28,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from broker.config import HttpSecurity
-from broker.http import json_errors, json_response, secured_app, serve_app
-from broker.webconsole import add_console
+from common.web import json_errors, json_response, secured_app, serve_app
+from common.webconsole import add_console
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SUPERVISOR = web.AppKey("supervisor", object)

@@ -48,6 +48,9 @@ from .timestamps import NS, parse_time_ns
 
 log = logging.getLogger("streamer.replay")
 
+REPLAY_SKIP_REASONS = ("filtered", "bad_timestamp")  # counted here, by the row's own worker
+CSV_SKIP_REASONS = tuple(r for r in SKIP_REASONS if r not in REPLAY_SKIP_REASONS)  # counted by the CSV reader
+
 KEY_SEPARATOR = "/"
 KEY_FIELD_BYTES = len(b',"key":')
 
@@ -209,7 +212,7 @@ class Replay:
             before = self.source.skipped.copy() if recount else None
             yield from self._pass(self.passes_done, rec, anchor_ns)
             if recount:
-                for reason in SKIP_REASONS:
+                for reason in CSV_SKIP_REASONS:
                     self.source.skipped[reason] = before[reason]
                 self.source.skipped += Counter()  # drop zero counts
             self.passes_done += 1

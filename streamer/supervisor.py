@@ -22,8 +22,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
-from broker.httpauth import HttpSecurityError
 from broker.server import Broker, BrokerStartError
+from common.httpauth import HttpSecurityError
 
 from . import health, worker
 from .config import StreamerConfig
@@ -174,6 +174,7 @@ class Supervisor:
         cfg = self.cfg
         if cfg.broker is not None:
             self.broker = Broker(cfg.broker)
+            self.broker.on_failure = self.should_exit.set  # a broker task died: drain and exit non-zero
             await self.broker.start()  # raises BrokerStartError before any worker exists
             # the workers reach the embedded broker over a Unix socket: ~5-10% more messages
             # per CPU second than TCP loopback (docs/DESIGN.md)
@@ -395,7 +396,10 @@ class Supervisor:
         if unacked:
             log.error("%d messages were not acknowledged", unacked)
         log.info("%s", summary)
-        return 1 if forced or unacked or any(s.given_up or s.failed for s in self.slots) else 0
+        broker_failed = self.broker is not None and self.broker.failure is not None
+        if broker_failed:
+            log.error("The embedded broker failed (%s): exiting non-zero", self.broker.failure)
+        return 1 if forced or unacked or broker_failed or any(s.given_up or s.failed for s in self.slots) else 0
 
 
 class _InheritedFd:

@@ -15,7 +15,7 @@ import zmq
 from helpers import Proc, dealer_socket, get_json, publish, start_streamer, wait_until
 
 from broker import protocol as p
-from broker.webconsole import is_public
+from common.webconsole import is_public
 
 pytestmark = pytest.mark.browser
 

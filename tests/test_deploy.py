@@ -37,6 +37,8 @@ def test_dockerfile_shape():
     assert "/healthz" in dockerfile_instruction("HEALTHCHECK")
     assert json.loads(dockerfile_instruction("ENTRYPOINT"))  # exec form: a JSON array
     assert os.path.exists(os.path.join(ROOT, ".dockerignore"))
+    # the data directory is the program's own (0700), never under /tmp
+    assert "-m 0700 /var/lib/telemetry" in text and "TELEMETRY_BROKER_PERSISTENCE_DIR=/var/lib/telemetry" in dockerfile_instruction("ENV")
 
 
 def test_the_image_entrypoint_is_the_real_command_and_drains(procs):
@@ -114,10 +116,11 @@ def test_rendered_broker_is_persistent_probed_and_reachable(rendered):
     broker = objs["StatefulSet/mq-broker"]
     container = broker["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["telemetry-broker"]
-    assert {"serve", "--host=0.0.0.0", "--persistence", "--persistence-dir=/data/mq"} <= set(container["args"])
+    assert {"serve", "--host=0.0.0.0", "--persistence", "--persistence-dir=/var/lib/telemetry"} <= set(container["args"])
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert broker["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] in {m["name"] for m in container["volumeMounts"]}
+    claim = broker["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
+    assert {"name": claim, "mountPath": "/var/lib/telemetry"} in container["volumeMounts"]  # the image's data directory, not /tmp
     assert service["spec"]["selector"] == broker["spec"]["template"]["metadata"]["labels"] | service["spec"]["selector"]
 
 

@@ -179,18 +179,19 @@ def test_blocking_consumer(procs):
 def test_acknowledgments_for_messages_waiting_for_redelivery_still_count():
     """In process: a member acknowledges, then leaves (or its acks are late) before the broker
     applied the acks: what it acknowledged is done, not delivered again."""
-    from broker.groups import Delivery, Group, GroupMember
+    from broker.groups import ACKED, FOREIGN, UNKNOWN, Delivery, Group, GroupMember
 
     group = Group("g", committed=0, next_offset=4)
     group.members[b"m"] = GroupMember(b"m", credit=4, holding=4)
     for offset in range(4):
         group.inflight[offset] = Delivery(offset, b"{}", b"p" * 16, offset, 0, deliveries=1, member=b"m")
-    group.acknowledge(0)
+    assert group.acknowledge(0, b"m") == ACKED
     group.remove_member(b"m")  # the rest goes back to the group...
+    assert group.acknowledge(1, b"other") == FOREIGN  # ...which only the member it was delivered to may acknowledge
     for offset in (1, 2):
-        assert group.acknowledge(offset) is not None  # ...but its acknowledgments were already on their way
+        assert group.acknowledge(offset, b"m") == ACKED  # ...and its acknowledgments were already on their way
     assert group.committed == 3 and [d.offset for d in group.retry] == [3]
-    assert group.acknowledge(1) is None  # acknowledged twice: counted once
+    assert group.acknowledge(1, b"m") == UNKNOWN  # acknowledged twice: counted once
 
 
 def test_a_consumer_that_acknowledges_and_closes_at_once_keeps_its_acknowledgments(procs):

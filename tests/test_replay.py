@@ -584,3 +584,12 @@ def test_standard_input_takes_once_but_not_the_options_that_read_again():
     assert once.returncode == 0 and "published=2" in once.stderr, once.stderr
     shard = run("--once", "--filter=a=1")
     assert shard.returncode == 2 and "need inputs that can be read again" in shard.stderr and "Traceback" not in shard.stderr
+
+
+def test_the_broker_takes_the_replay_skip_reasons_in_reports(procs, tmp_path):
+    path = keyed_csv(tmp_path, rows=50)
+    proc, http = start_streamer(path, "--rate=500", "--filter=gpu=1")
+    procs.append(proc)
+    wait_until(lambda: get_json(f"{http}/stats/telemetry")[1].get("skipped", {}).get("filtered", 0) > 0, message="filtered rows in the broker's stats")
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(60) == 0, proc.output

@@ -39,7 +39,7 @@ def test_acknowledgments_go_out_only_after_the_fsync_under_fsync_always(tmp_path
     for burst in ((0, 10), (10, 5)):
         broker.dispatcher.handle(publish_frames(b"a", *burst))
         broker.dispatcher.handle(publish_frames(b"b", burst[0] + 1000, 1))  # another producer's gap: a NACK in the same burst
-        broker.ingest.commit()
+        asyncio.run(broker.ingest.commit())  # a coroutine: the fsync runs off the event loop
     assert events == [("fsync", False), ("send", p.ACK), ("send", p.NACK)] * 2
     broker.registry.close()
 

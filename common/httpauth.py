@@ -2,7 +2,7 @@
 
 --http-token-file FILE   every path wants `Authorization: Bearer <token>`, except /healthz and
                          /readyz (probes) and the web console's own files (they carry no data;
-                         broker.webconsole.is_public); a missing or wrong token is a 401 with a
+                         common.webconsole.is_public); a missing or wrong token is a 401 with a
                          JSON body. Compared in constant time (hmac.compare_digest).
 --http-tls-cert FILE     with --http-tls-key: serve HTTPS (a PEM certificate chain and its key)
 """
