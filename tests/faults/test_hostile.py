@@ -162,8 +162,8 @@ def test_a_bad_report_is_refused_and_counted_and_stats_and_metrics_keep_answerin
         assert stats["topics"]["telemetry"]["skipped"] == {"field_count": 3}  # the last good report stands
         with urllib.request.urlopen(f"{http}/metrics", timeout=5) as response:
             metrics = response.read().decode()
-        skipped = [line for line in metrics.splitlines() if line.startswith("telemetry_rows_skipped{")]
-        assert skipped == ['telemetry_rows_skipped{reason="field_count",topic="telemetry"} 3.0']
+        skipped = [line for line in metrics.splitlines() if line.startswith("telemetry_rows_skipped_total{")]
+        assert skipped == ['telemetry_rows_skipped_total{reason="field_count",topic="telemetry"} 3.0']
 
 
 def test_a_huge_report_is_refused_before_it_is_parsed(procs):
