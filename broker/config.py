@@ -20,6 +20,7 @@ class Limits:
     max_replay_bytes: int = 256 << 20  # replayed bytes not yet consumed, all subscriptions together
     max_sse: int = 64  # Server-Sent Events streams, broker-wide
     max_report_bytes: int = 16 << 10  # one producer REPORT
+    max_memory_bytes: int = 256 << 20  # without persistence: recent batches kept for replay, all topics together
 
 
 @dataclass(frozen=True)

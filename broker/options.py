@@ -226,6 +226,7 @@ LIMIT_OPTIONS = (
     "max_replay_bytes",
     "max_sse",
     "max_report_bytes",
+    "max_memory_bytes",
 )
 
 
@@ -284,6 +285,13 @@ def limit_options(env_prefix: str):
             default="16KiB",
             envvar=env_prefix + "MAX_REPORT_BYTES",
             help="Largest producer REPORT accepted.",
+        ),
+        option(
+            "--max-memory-bytes",
+            type=Size(minimum=1 << 20),
+            default="256MiB",
+            envvar=env_prefix + "MAX_MEMORY_BYTES",
+            help="Without --persistence: recent batches kept for replay, all topics together (each topic keeps at most 64 MiB); the oldest go first.",
         ),
     ]
     return stack(decorators)

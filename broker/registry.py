@@ -12,7 +12,7 @@ from common.names import valid_topic
 from .config import Limits, PersistenceConfig
 from .safefs import is_real_dir, make_private_dir
 from .segmentlog import TopicLog
-from .topic import Topic
+from .topic import MemoryBudget, Topic
 
 log = logging.getLogger("broker")
 
@@ -31,6 +31,7 @@ class TopicRegistry:
         self.persistence = persistence
         self.limits = limits
         self.topics: dict[str, Topic] = {}
+        self.memory = MemoryBudget(limits.max_memory_bytes, self.topics)  # memory-only topics' replay windows, together
 
     def open(self) -> None:
         """The configured topics, and every topic already in the persistence directory. Raises RegistryStartError."""
@@ -80,7 +81,7 @@ class TopicRegistry:
             )
             topic_log.open()
             topic_log.background = in_thread
-        topic = self.topics[name] = Topic(name, topic_log, self.limits.max_producers)
+        topic = self.topics[name] = Topic(name, topic_log, self.limits.max_producers, self.memory)
         return topic
 
     def close(self) -> None:

@@ -26,6 +26,26 @@ from .stats import RateWindow
 MEMORY_WINDOW_BYTES = 64 << 20  # recent batches a topic without persistence keeps for replay
 
 
+class MemoryBudget:
+    """The bytes that memory-only topics keep for replay, broker-wide (--max-memory-bytes).
+    Over the budget, the topic holding the most gives up its oldest batch first: topics created
+    to fill memory cannot hold more than the budget together, and a small topic keeps its own."""
+
+    __slots__ = ("limit", "used", "topics")
+
+    def __init__(self, limit: int = 256 << 20, topics: dict | None = None):
+        self.limit = limit
+        self.used = 0
+        self.topics = topics  # name -> Topic: the broker's (None: only the topic that appends)
+
+    def reclaim(self, appending: Topic) -> None:
+        while self.used > self.limit:
+            holders = [t for t in (self.topics.values() if self.topics else (appending,)) if t.recent]
+            if not holders:
+                return
+            max(holders, key=lambda t: t.recent_bytes).drop_oldest()
+
+
 class Span(NamedTuple):
     """Consecutive messages of one producer batch, as accepted: what is stored, delivered, replayed."""
 
@@ -67,8 +87,9 @@ class SequenceGap(Exception):
 
 
 class Topic:
-    def __init__(self, name: str, log: TopicLog | None = None, max_producers: int = 1000):
+    def __init__(self, name: str, log: TopicLog | None = None, max_producers: int = 1000, memory: MemoryBudget | None = None):
         self.name = name
+        self.memory = memory if memory is not None else MemoryBudget()  # shared by every topic of a broker
         self.max_producers = max_producers
         self.log = log  # the disk-persisted log, or None for a memory-only topic
         self.next_offset = 0
@@ -137,10 +158,19 @@ class Topic:
         return span
 
     def _remember(self, span: Span) -> None:
+        """Keep the batch for replay within this topic's window (64 MiB) and the broker's budget."""
+        size = len(span.body)
         self.recent.append(span)
-        self.recent_bytes += len(span.body)
+        self.recent_bytes += size
+        self.memory.used += size
         while self.recent_bytes > MEMORY_WINDOW_BYTES and len(self.recent) > 1:
-            self.recent_bytes -= len(self.recent.popleft().body)
+            self.drop_oldest()
+        self.memory.reclaim(self)
+
+    def drop_oldest(self) -> None:
+        freed = len(self.recent.popleft().body)
+        self.recent_bytes -= freed
+        self.memory.used -= freed
 
     @property
     def first_offset(self) -> int:
@@ -213,5 +243,5 @@ class Topic:
             "subscribers": {str(key): sub.stats() for key, sub in self.subscriptions.items()},
             "groups": {name: group.stats(self.next_offset) for name, group in self.groups.items()},
             "uptime_s": round(now - started, 3),
-            **({"persistence": self.log.stats()} if self.log is not None else {}),
+            **({"persistence": self.log.stats()} if self.log is not None else {"memory": {"first_offset": self.first_offset, "bytes": self.recent_bytes}}),
         }

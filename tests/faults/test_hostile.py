@@ -162,8 +162,8 @@ def test_a_bad_report_is_refused_and_counted_and_stats_and_metrics_keep_answerin
         assert stats["topics"]["telemetry"]["skipped"] == {"field_count": 3}  # the last good report stands
         with urllib.request.urlopen(f"{http}/metrics", timeout=5) as response:
             metrics = response.read().decode()
-        skipped = [line for line in metrics.splitlines() if line.startswith("telemetry_rows_skipped{")]
-        assert skipped == ['telemetry_rows_skipped{reason="field_count",topic="telemetry"} 3.0']
+        skipped = [line for line in metrics.splitlines() if line.startswith("telemetry_rows_skipped_total{")]
+        assert skipped == ['telemetry_rows_skipped_total{reason="field_count",topic="telemetry"} 3.0']
 
 
 def test_a_huge_report_is_refused_before_it_is_parsed(procs):
@@ -379,3 +379,24 @@ def test_dead_letters_of_dead_letters_keep_the_redelivery_timer_alive(procs):
             a.close()
             b.close()
             ctx.term()
+
+
+def test_memory_only_topics_together_keep_at_most_the_memory_budget(procs):
+    """A peer that fills many memory-only topics cannot make the broker keep more than
+    --max-memory-bytes of replay windows in total (each topic alone keeps up to 64 MiB)."""
+    proc, url, http = start_broker("--max-memory-bytes=4MiB", "--max-topics=20")
+    procs.append(proc)
+    ctx = zmq.Context()
+    dealer = dealer_socket(ctx, url)
+    try:
+        for t in range(10):
+            for seq in range(4):  # ~0.5 MB a batch, ~2 MB a topic, ~20 MB in all
+                assert publish(dealer, seq * 500, ["x" * 1000] * 500, topic=f"t{t}".encode())[1] == p.ACK
+        topics = get_json(f"{http}/stats")[1]["topics"]
+        held = sum(topic["memory"]["bytes"] for name, topic in topics.items() if name.startswith("t"))
+        assert 0 < held <= 4 << 20, held
+        assert topics["t9"]["memory"]["first_offset"] < 2000 == topics["t9"]["next_offset"]  # the newest topic keeps its latest batches
+        assert publish(dealer, 0, [1])[1] == p.ACK  # and the broker keeps serving
+    finally:
+        dealer.close(linger=0)
+        ctx.term()
