@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import json
@@ -290,3 +291,31 @@ def assert_contiguous(records: list[dict]) -> dict[str, list[int]]:
     for producer, numbers in seqs.items():
         assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), producer
     return seqs
+
+
+# -- virtual time: deterministic timing tests, independent of how busy the machine is -------------
+
+
+class VirtualClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock jumps to the next timer whenever nothing is ready to run."""
+
+    def __init__(self):
+        super().__init__()
+        self._now = 0.0
+
+    def time(self):
+        return self._now
+
+    def _run_once(self):
+        if not self._ready and self._scheduled:
+            # a real clock always moves on: at least 1 ns (aiolimiter's float residue can ask for less)
+            self._now = max(self._now + 1e-9, self._scheduled[0]._when)
+        super()._run_once()
+
+
+def run_virtual(coro):
+    loop = VirtualClockLoop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()

@@ -76,6 +76,16 @@ def cluster(tmp_path, size: int = 3) -> list[NatsServer]:
     ]
 
 
+def start_cluster(tmp_path, size: int = 3) -> tuple[list[NatsServer], str]:
+    """A started cluster of `size` servers and its seed URLs (comma-separated); kill each when done."""
+    servers = cluster(tmp_path, size)
+    for s in servers:
+        s.start(ready=False)
+    for s in servers:
+        s.proc.wait_for_line("Server is ready", timeout=30)
+    return servers, ",".join(s.url for s in servers)
+
+
 async def _read_ids(url: str, stream: str, subject: str, timeout: float) -> list[str]:
     import nats
     from nats.js.api import DeliverPolicy

@@ -10,7 +10,7 @@ import urllib.request
 import orjson
 import pytest
 from helpers import ROOT, Proc, get_json, summary, wait_until
-from natsserver import NatsServer, assert_exactly_once, cluster, create_stream, read_ids
+from natsserver import NatsServer, assert_exactly_once, create_stream, read_ids, start_cluster
 
 
 def start_streamer(procs, url: str, csv: str, *args: str) -> tuple[Proc, str]:
@@ -98,13 +98,8 @@ def test_server_killed_and_restarted_mid_run_loses_nothing(procs, server, sample
 
 @pytest.mark.slow
 def test_cluster_stream_leader_killed_and_restarted(procs, tmp_path, sample_csv):
-    servers = cluster(tmp_path)
+    servers, seeds = start_cluster(tmp_path)
     try:
-        for s in servers:
-            s.start(ready=False)
-        for s in servers:
-            s.proc.wait_for_line("Server is ready", timeout=30)
-        seeds = ",".join(s.url for s in servers)
         proc, http = start_streamer(procs, seeds, sample_csv, "--workers=2", "--rate=0", "--nats-create-stream", "--nats-replicas=3", "--shutdown-timeout=30")
         body = wait_until(lambda: (b := topic_stats(http))["published"] >= 20_000 and b["jetstream"]["cluster"]["leader"] and b, timeout=60)
         stream = body["jetstream"]

@@ -4,33 +4,9 @@ import asyncio
 import random
 
 import pytest
+from helpers import run_virtual
 
 from streamer.rate import RateLimit
-
-
-class VirtualClockLoop(asyncio.SelectorEventLoop):
-    """An event loop whose clock jumps to the next timer whenever nothing is ready to run."""
-
-    def __init__(self):
-        super().__init__()
-        self._now = 0.0
-
-    def time(self):
-        return self._now
-
-    def _run_once(self):
-        if not self._ready and self._scheduled:
-            # a real clock always moves on: at least 1 ns (aiolimiter's float residue can ask for less)
-            self._now = max(self._now + 1e-9, self._scheduled[0]._when)
-        super()._run_once()
-
-
-def run_virtual(coro):
-    loop = VirtualClockLoop()
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        loop.close()
 
 
 async def release_times(rate: float, duration: float, jitter: float = 0.0, seed: int = 1):

@@ -14,8 +14,7 @@ from collections import defaultdict
 
 import orjson
 import pytest
-from helpers import ROOT, Proc, dump, get_json, start_broker, start_streamer, start_streamer_to, summary, wait_until, workers_of
-from test_rate import VirtualClockLoop
+from helpers import ROOT, Proc, VirtualClockLoop, dump, get_json, run_virtual, start_broker, start_streamer, start_streamer_to, summary, wait_until, workers_of
 
 from streamer.config import ReplayConfig
 from streamer.csvsource import CsvSource
@@ -24,14 +23,6 @@ from streamer.replay import ProfileRun, Replay, run_paced, run_profile
 from streamer.timestamps import find_time_column, parse_time_ns
 
 T0 = 1_760_707_661_000_000_000  # 2025-10-17T13:27:41Z
-
-
-def run_virtual(coro):
-    loop = VirtualClockLoop()
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        loop.close()
 
 
 def recording(tmp_path, gaps_ms, per_time=2, name="rec.csv", form=lambda ns: str(ns // 1_000_000)):

@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), HERE]
 
 from efficiency import cpu_seconds, tree  # noqa: E402
-from natsserver import NatsServer, cluster  # noqa: E402
+from natsserver import NatsServer, start_cluster  # noqa: E402
 
 from streamer.csvsource import CsvSource  # noqa: E402
 from streamer.message import Envelope  # noqa: E402
@@ -179,13 +179,8 @@ def run(window: float = 10.0, warmup: float = 3.0, rounds: int = 3) -> tuple[lis
             print({name: [round(r["msg_s"]) for r in results] for name, results in runs.items()}, flush=True)
     finally:
         server.kill()
-    servers = cluster(work)
+    servers, seeds = start_cluster(work)
     try:
-        for s in servers:
-            s.start(ready=False)
-        for s in servers:
-            s.proc.wait_for_line("Server is ready", timeout=30)
-        seeds = ",".join(s.url for s in servers)
         runs["r3 one"] = [ours(seeds, 1, warmup, window, replicas=3)]
         runs["r3 two"] = [ours(seeds, 2, warmup, window, replicas=3)]
     finally:
