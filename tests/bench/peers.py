@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import os
 import platform
-import shutil
 import socket
 import subprocess
 import sys
@@ -38,6 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path[:0] = [ROOT, HERE, os.path.join(ROOT, "tests")]
 
 import natsbench  # noqa: E402
+from helpers import find_tool, free_port  # noqa: E402
 from throughput import measure  # noqa: E402
 
 from streamer.csvsource import CsvSource  # noqa: E402
@@ -55,16 +55,9 @@ def messages(csv_path: str = SAMPLE) -> list[bytes]:
     return Envelope().batch(rows).split(b"\n")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def tool(name: str) -> str:
     """An executable next to this Python (a pip-installed server) or on PATH."""
-    beside = os.path.join(os.path.dirname(sys.executable), name)
-    found = beside if os.access(beside, os.X_OK) else shutil.which(name)
+    found = find_tool(name)
     if found is None:
         raise Skipped(f"{name} not found")
     return found
