@@ -157,10 +157,7 @@ class Worker:
                     feed.close()
                     raise
                 if not batch and feed.error is not None:
-                    error = feed.error
-                    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-                    log.error("%s: cannot read %s (%s); it cannot be read again: stopping", self.label, shown, reason)
-                    self.finished = self.failed = True
+                    self._cannot_read_again(shown, feed.error)
                     return
             else:
                 batch = None
@@ -176,12 +173,10 @@ class Worker:
                 retry = min(retry * 2, RETRY_MAX_S)
                 continue
             except (OSError, CsvError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 if source.finished:
-                    log.error("%s: cannot read %s (%s); it cannot be read again: stopping", self.label, shown, reason)
-                    self.finished = self.failed = True
+                    self._cannot_read_again(shown, exc)
                     return
-                log.warning("%s: cannot read %s (%s); retrying in %.1f s", self.label, shown, reason, retry)
+                log.warning("%s: cannot read %s (%s); retrying in %.1f s", self.label, shown, _reason(exc), retry)
                 await asyncio.sleep(retry)
                 retry = min(retry * 2, RETRY_MAX_S)
                 continue
@@ -234,6 +229,11 @@ class Worker:
         if keys is not None:
             return envelope.batch_keyed(rows, keys, stamps)
         return envelope.batch(rows) if stamps is None else envelope.batch_times(rows, stamps)
+
+    def _cannot_read_again(self, shown: str, error: Exception) -> None:
+        """A read-once input (standard input, a FIFO) failed: it cannot be retried, so this worker stops."""
+        log.error("%s: cannot read %s (%s); it cannot be read again: stopping", self.label, shown, _reason(error))
+        self.finished = self.failed = True
 
     async def _produce_replay(self) -> None:
         """Rows through streamer.replay: chosen (shard, filters), transformed (counters), timed
@@ -295,8 +295,7 @@ class Worker:
                 else:
                     await run_rate(items, send, limit, cfg.batch_messages)
             except (OSError, CsvError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-                log.warning("%s: cannot read %s (%s); retrying the pass in %.1f s", self.label, self.source.path, reason, retry)
+                log.warning("%s: cannot read %s (%s); retrying the pass in %.1f s", self.label, self.source.path, _reason(exc), retry)
                 await asyncio.sleep(retry)
                 retry = min(retry * 2, RETRY_MAX_S)
                 continue
@@ -345,3 +344,7 @@ class Worker:
             self.status.send(status)
         except OSError:  # parent gone
             self._stop.set()
+
+
+def _reason(error: Exception) -> str:
+    return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
