@@ -9,7 +9,7 @@ import time
 import orjson
 import pytest
 import zmq
-from helpers import dealer_socket, get_json, publish, start_broker
+from helpers import dealer_socket, get_json, publish, start_broker, wait_until
 
 from broker import protocol as p
 
@@ -120,7 +120,8 @@ def test_the_broker_stays_small_and_serves_an_honest_producer_under_attack(procs
             attacker.send_multipart(p.report_frames(b"telemetry", producer, huge))
         still_served("huge reports")
 
-        time.sleep(3)  # let whatever the attacks queued settle, while sampling
+        # the attacks' frames are all handled (the 8 huge reports counted) before the last check
+        wait_until(lambda: get_json(f"{http}/stats")[1]["bad_frames"].get("report_too_large", 0) >= 8, timeout=30, message="the huge reports refused")
         still_served("after the attacks")
         status, stats = get_json(f"{http}/stats")
         assert status == 200
