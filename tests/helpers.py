@@ -40,14 +40,24 @@ def free_port() -> int:
 
 
 def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, message: str = "condition"):
-    """Poll `predicate` until it returns a truthy value; fail the test after `timeout` seconds."""
+    """Poll `predicate` until it returns a truthy value; fail the test after `timeout` seconds.
+
+    A predicate that raises LookupError (a stats key, group or worker that does not
+    exist yet) counts as "not yet": the broker creates those entries asynchronously,
+    so reading them before they appear is a race, not a failure. The last such error
+    is chained to the timeout so a key that never appears is still reported.
+    """
     deadline = time.monotonic() + timeout
+    missing = None
     while True:
-        value = predicate()
+        try:
+            value = predicate()
+        except LookupError as exc:
+            value, missing = None, exc
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}") from missing
         time.sleep(interval)
 
 
