@@ -32,9 +32,20 @@ recovered alike, also mixed in one segment.
 Index entries (16 B, big-endian): base offset (u64) | file position (u64), one at least every
 INDEX_INTERVAL bytes of segment, so a read from an offset seeks, then scans at most that much.
 
+Recycled segments: retention does not delete the oldest segment's file but renames it to
+`recycled.log`, and the next segment to start takes that file over and overwrites it (as
+PostgreSQL recycles its WAL segments). Writing over pages the page cache already holds costs a
+third of the CPU of writing a new file and deleting an old one (new pages to allocate and zero,
+blocks to allocate, old pages to free): see docs/BENCHMARKS.md. So the active segment's file
+may hold, past the end of what was written, the remains of an older segment. Every reader tells
+them apart by offset: a segment's batches start at its base offset and follow each other
+without a gap, while the remains carry offsets below its base. The writer trims the file to what
+it wrote when the segment closes, and at shutdown.
+
 Recovery: at start the newest segment is validated batch by batch from its start (magic,
 length, CRC, offsets contiguous); the first bad batch and everything after it are truncated
-away and the number of bytes dropped is kept for the stats. Older segments are walked by their
+away and the number of bytes dropped is kept for the stats (a recycled file's remains are not
+counted: they were never written by this segment). Older segments are walked by their
 headers; a damaged batch in one is reported and skipped by readers (they resynchronise on the
 next valid batch), and never stops the broker.
 """
@@ -71,6 +82,7 @@ INDEX_ENTRY = struct.Struct(">QQ")
 INDEX_INTERVAL = 64 << 10
 MAX_BATCH_PAYLOAD = 256 << 20
 SEGMENT_SUFFIX, INDEX_SUFFIX = ".log", ".index"
+RECYCLED_NAME = "recycled" + SEGMENT_SUFFIX  # a retired segment's file, waiting to be overwritten
 FSYNC_POLICIES = ("always", "interval", "never")
 
 
@@ -126,18 +138,19 @@ def segment_name(base_offset: int) -> str:
     return f"{base_offset:020d}"
 
 
+def segment_base(path: str) -> int | None:
+    """The base offset a segment's file name says, or None for another name."""
+    stem, suffix = os.path.splitext(os.path.basename(path))
+    return int(stem) if suffix == SEGMENT_SUFFIX and stem.isdigit() and len(stem) == 20 else None
+
+
 def list_segments(directory: str) -> list[int]:
     """Base offsets of the segments in a topic directory, oldest first."""
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
         return []
-    bases = []
-    for name in names:
-        stem, suffix = os.path.splitext(name)
-        if suffix == SEGMENT_SUFFIX and stem.isdigit() and len(stem) == 20:
-            bases.append(int(stem))
-    return sorted(bases)
+    return sorted(base for base in map(segment_base, names) if base is not None)
 
 
 class Segment:
@@ -259,12 +272,12 @@ class TopicLog:
                 expected = batch.next_offset
                 position += batch.size
         if position < end:
+            dropped = _written_past(seg.path, position, end, seg.base_offset)
             os.ftruncate(seg.fd, position)
             os.fsync(seg.fd)
-            self.recovered_dropped_bytes = end - position
-            log.warning(
-                "Log %s: dropped a torn or corrupt tail of %d bytes at offset %d; offsets continue from %d", seg.path, end - position, expected, expected
-            )
+            self.recovered_dropped_bytes = dropped
+            if dropped:
+                log.warning("Log %s: dropped a torn or corrupt tail of %d bytes at offset %d; offsets continue from %d", seg.path, dropped, expected, expected)
         seg.size = position
         seg.next_offset = expected
         seg.rewrite_index()
@@ -279,6 +292,12 @@ class TopicLog:
     @property
     def first_offset(self) -> int:
         return self.segments[0] if self.segments else self.active.base_offset
+
+    def written(self, base: int) -> int | None:
+        """How far the segment at `base` is written, if it is the active one (None for a closed
+        one: it was trimmed to its end). Safe from a reader's thread: one read of `active`."""
+        active = self.active
+        return active.size if active is not None and active.base_offset == base else None
 
     def append(self, producer: bytes, base_seq: int, count: int, payload: bytes, received_ns: int) -> int:
         """Write one batch with one write call; returns its base offset. Raises LogUnavailable."""
@@ -314,6 +333,7 @@ class TopicLog:
             os.fsync(old.fd)
         os.ftruncate(old.fd, old.size)  # drop the remains of a torn write past the end, if any
         seg = Segment(self.directory, old.next_offset)
+        self._take_recycled(seg.path)
         seg.open()
         if self.fsync == "interval":  # its tail is synced off the event loop (an fsync of up to a segment takes tens of ms)
             self._later(lambda: self._sync_and_close(old))
@@ -324,6 +344,16 @@ class TopicLog:
         self.active = seg
         self.enforce_retention()
         return seg
+
+    def _take_recycled(self, path: str) -> None:
+        """Let the segment about to start at `path` overwrite the recycled file, if there is one
+        (its remains past what the segment writes are told apart by offset, see the docstring)."""
+        try:
+            os.rename(os.path.join(self.directory, RECYCLED_NAME), path)
+        except FileNotFoundError:
+            pass  # none yet, or the retired segment is still being renamed: a new file, as before
+        except OSError as exc:
+            log.warning("Log %s: cannot reuse the recycled segment file: %s", self.directory, exc.strerror)
 
     def _sync_and_close(self, segment: Segment) -> None:
         try:
@@ -371,19 +401,25 @@ class TopicLog:
                 too_old = True
             if not (too_big or too_old):
                 break
-            self._later(lambda base=base: self._delete(base))  # unlinking 64 MiB takes milliseconds
+            self._later(lambda base=base: self._retire(base))  # renaming is quick; unlinking 64 MiB takes milliseconds
             self.segments.pop(0)
             self.sizes.pop(base, None)
             log.info("Log %s: deleted segment %d (%s)", self.directory, base, "retention bytes" if too_big else "retention age")
 
-    def _delete(self, base: int) -> None:
-        for suffix in (SEGMENT_SUFFIX, INDEX_SUFFIX):
-            try:
-                os.unlink(os.path.join(self.directory, segment_name(base) + suffix))
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                log.error("Log %s: cannot delete segment %d: %s", self.directory, base, exc.strerror)
+    def _retire(self, base: int) -> None:
+        """Remove a segment from the log: its index is deleted, its file becomes the recycled
+        one (replacing an older recycled file, if the next segment has not taken that yet)."""
+        stem = os.path.join(self.directory, segment_name(base))
+        self._quietly(base, os.rename, stem + SEGMENT_SUFFIX, os.path.join(self.directory, RECYCLED_NAME))
+        self._quietly(base, os.unlink, stem + INDEX_SUFFIX)
+
+    def _quietly(self, base: int, step: Callable, *paths: str) -> None:
+        try:
+            step(*paths)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("Log %s: cannot delete segment %d: %s", self.directory, base, exc.strerror)
 
     # -- stats and close -----------------------------------------------------------------------
 
@@ -404,6 +440,7 @@ class TopicLog:
     def close(self) -> None:
         if self.active is not None:
             try:
+                os.ftruncate(self.active.fd, self.active.size)  # a recycled file's remains go
                 os.fsync(self.active.fd)
             except OSError as exc:
                 log.error("Log %s: final fsync failed: %s", self.directory, exc.strerror)
@@ -414,24 +451,33 @@ class TopicLog:
 # -- reading ---------------------------------------------------------------------------------------
 
 
-def scan(f, path: str, *, start: int = 0, verify: bool = True) -> Iterator[Batch]:
-    """Valid batches of an open segment from `start`, in order; damage is reported and skipped.
+def scan(f, path: str, *, start: int = 0, verify: bool = True, end: int | None = None) -> Iterator[Batch]:
+    """Valid batches of an open segment from `start` (to `end`, if the writer's end is known), in
+    order; damage is reported and skipped.
 
     A damaged batch is skipped by resynchronising on the next position where a valid batch
     begins. The end of a segment that is still being written may be torn: it ends the scan
-    quietly when nothing valid follows it.
+    quietly when nothing valid follows it. So does what is not this segment's: a recycled
+    file's remains (offsets below the segment's base), or, when the file was recycled while
+    being read, the next segment's batches (offsets not following on).
     """
+    floor = segment_base(path) or 0
+    expected = floor if start == 0 else None  # from an index entry: its batch comes first
     position = start
-    end = f.seek(0, os.SEEK_END)
+    end = f.seek(0, os.SEEK_END) if end is None else min(end, f.seek(0, os.SEEK_END))
     while position < end:
         batch = read_batch(f, position, verify=verify)
         if batch is not None:
+            if batch.base_offset < floor or (expected is not None and batch.base_offset != expected):
+                return
             yield batch
+            expected = batch.next_offset
             position += batch.size
             continue
         resumed = _resync(f, position + 1, end)
-        if resumed is None:
-            return  # a torn or damaged tail: nothing valid after it
+        if resumed is None or resumed.base_offset < max(floor, expected or 0) or not _still_at(f, path):
+            return  # a torn or damaged tail, or what follows is not this segment's
+        expected = resumed.base_offset
         log.warning(
             "Log %s: damaged batch at byte %d skipped (%d bytes); reading resumes at offset %d",
             path,
@@ -440,6 +486,25 @@ def scan(f, path: str, *, start: int = 0, verify: bool = True) -> Iterator[Batch
             resumed.base_offset,
         )
         position = resumed.position
+
+
+def _still_at(f, path: str) -> bool:
+    """Whether the open file is still the one at `path` (retention has not recycled it)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+    except OSError:
+        return False
+
+
+def _written_past(path: str, position: int, end: int, base: int) -> int:
+    """Bytes from `position` (where the valid batches of the segment at `path` end) that this
+    segment wrote: a torn batch. Not counted: a recycled file's remains after it."""
+    with open_read(path) as f:
+        batch = read_batch(f, position)
+        if batch is not None and batch.base_offset < base:
+            return 0
+        remains = _resync(f, position + 1, end)
+        return (remains.position if remains is not None and remains.base_offset < base else end) - position
 
 
 def _resync(f, position: int, end: int) -> Batch | None:
@@ -459,10 +524,12 @@ def _resync(f, position: int, end: int) -> Batch | None:
     return None
 
 
-def read_batches(directory: str, from_offset: int = 0, from_time_ns: int | None = None) -> Iterator[Batch]:
+def read_batches(directory: str, from_offset: int = 0, from_time_ns: int | None = None, written: Callable[[int], int | None] | None = None) -> Iterator[Batch]:
     """Valid batches holding offsets >= `from_offset` (and received at or after `from_time_ns`,
     if given), in offset order. Constant memory: one batch at a time. Works while a broker is
     writing (reads to the last complete batch) and after one died (a torn tail ends the read).
+    `written(base)`, from the writer, gives how far the segment at `base` is written (None: to
+    its end), so that a reader in the broker never looks past it into a recycled file's remains.
     """
     bases = list_segments(directory)
     first = max(0, bisect.bisect_right(bases, from_offset) - 1)
@@ -479,7 +546,7 @@ def read_batches(directory: str, from_offset: int = 0, from_time_ns: int | None 
             if from_time_ns is not None and os.fstat(f.fileno()).st_mtime_ns < from_time_ns:
                 continue  # its newest record is older than asked
             start = _index_position(os.path.join(directory, segment_name(base) + INDEX_SUFFIX), from_offset)
-            for batch in scan(f, path, start=start):
+            for batch in scan(f, path, start=start, end=written(base) if written is not None else None):
                 if batch.next_offset <= from_offset or (from_time_ns is not None and batch.received_ns < from_time_ns):
                     continue
                 yield batch

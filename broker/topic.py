@@ -183,7 +183,7 @@ class Topic:
         """What the topic still holds from `from_offset` (and `from_time_ns`), oldest first: the log
         with persistence, else the recent-batches window."""
         if self.log is not None:
-            batches = read_batches(self.log.directory, from_offset, from_time_ns)
+            batches = read_batches(self.log.directory, from_offset, from_time_ns, self.log.written)
             spans = (Span(b.base_offset, b.count, b.payload, b.producer, b.base_seq, b.received_ns) for b in batches)
         else:
             spans = (s for s in list(self.recent) if s.first_offset + s.count > from_offset and (from_time_ns is None or s.received_ns >= from_time_ns))

@@ -242,10 +242,89 @@ def test_retention_keeps_the_topic_within_the_bound_plus_one_segment(tmp_path):
     topic_log = open_log(tmp_path, segment_bytes=16 << 10, retention_bytes=64 << 10)
     for _ in range(100):
         write_batches(topic_log, [200])
+        assert topic_log.stats()["bytes"] <= (64 << 10) + (16 << 10)
+        # on disk: that, the active segment's file up to a whole segment (a recycled file) and the recycled file
         on_disk = sum(os.path.getsize(os.path.join(tmp_path, n)) for n in os.listdir(tmp_path) if n.endswith(".log"))
-        assert on_disk <= (64 << 10) + (16 << 10)
+        assert on_disk <= (64 << 10) + 3 * (16 << 10)
     assert topic_log.first_offset > 0
     assert [r[0] for r in records(tmp_path)] == list(range(topic_log.first_offset, 20_000))
+
+
+def _recycling_log(tmp_path):
+    """A log whose retention has retired segments: the active segment overwrites a recycled file."""
+    topic_log = open_log(tmp_path, segment_bytes=16 << 10, retention_bytes=48 << 10)
+    write_batches(topic_log, [50] * 200)  # ~600 B per batch, ~27 per segment: 7 segments, 4 retired
+    return topic_log
+
+
+def _written_values(written) -> dict[int, int]:
+    """offset -> the value written there, from write_batches' results."""
+    return {base + i: value for base, values in written for i, value in enumerate(values)}
+
+
+def test_retired_segments_are_recycled_and_readers_never_see_their_remains(tmp_path):
+    topic_log = _recycling_log(tmp_path)
+    inodes_seen, written = set(), []
+    for _ in range(40):  # every segment from here on starts in a recycled file: no new inode
+        written += write_batches(topic_log, [50], producer=P2)
+        inodes_seen.add(os.fstat(topic_log.active.fd).st_ino)
+    assert os.path.exists(os.path.join(tmp_path, tlog.RECYCLED_NAME))
+    assert len(inodes_seen) <= 3, "the active segments should take turns on recycled files"
+    active_file = os.path.getsize(topic_log.active.path)
+    assert active_file > topic_log.active.size, "the test needs remains past the written end"
+    expected = list(range(topic_log.first_offset, topic_log.next_offset))
+    assert [r[0] for r in records(tmp_path)] == expected  # the dump's reader: by offsets alone
+    topic = Topic("t", topic_log)
+    assert [o for s in topic.history(0) for o in range(s.first_offset, s.first_offset + s.count)] == expected
+    # every record read from the segments written since is the one written at its offset
+    values = _written_values(written)
+    assert [(o, v) for o, _, _, v in records(tmp_path, min(values))] == sorted(values.items())
+
+
+def test_a_crash_while_writing_a_recycled_file_drops_nothing_of_its_remains(tmp_path, caplog):
+    topic_log = _recycling_log(tmp_path)
+    write_batches(topic_log, [50] * 3)
+    end, next_offset = topic_log.active.size, topic_log.next_offset
+    remains = os.path.getsize(topic_log.active.path) - end
+    assert remains > 2000, "the test needs several batches of remains"
+    os.pwrite(topic_log.active.fd, b"TLB2torn", end)  # a batch torn where the remains begin
+    os.close(topic_log.active.fd)  # killed: no trimming close
+    with caplog.at_level(logging.WARNING):
+        reopened = open_log(tmp_path, segment_bytes=16 << 10, retention_bytes=48 << 10)
+    assert reopened.next_offset == next_offset
+    # counted: the torn batch, up to where the remains' next whole batch starts; not the remains
+    assert 0 < reopened.recovered_dropped_bytes < 1000 < remains
+    assert os.path.getsize(reopened.active.path) == end
+    write_batches(reopened, [50])
+    assert [r[0] for r in records(tmp_path)] == list(range(reopened.first_offset, next_offset + 50))
+
+
+def test_a_clean_close_trims_the_recycled_remains_and_a_restart_reports_no_drop(tmp_path):
+    topic_log = _recycling_log(tmp_path)
+    active_path, size = topic_log.active.path, topic_log.active.size
+    assert os.path.getsize(active_path) > size
+    topic_log.close()
+    assert os.path.getsize(active_path) == size
+    reopened = open_log(tmp_path, segment_bytes=16 << 10, retention_bytes=48 << 10)
+    assert reopened.recovered_dropped_bytes == 0
+
+
+def test_a_reader_of_a_segment_that_is_recycled_meanwhile_stops_at_what_it_wrote(tmp_path):
+    topic_log = _recycling_log(tmp_path)
+    oldest = topic_log.first_offset
+    reader = tlog.read_batches(str(tmp_path), oldest)
+    first = next(reader)  # the oldest segment is open in the reader now
+    assert first.base_offset == oldest
+    inode = os.stat(os.path.join(tmp_path, segment_name(oldest) + ".log")).st_ino
+    values = _written_values(write_batches(topic_log, [50] * 200, producer=P2))  # retention retires it; a newer segment overwrites its file
+    assert not os.path.exists(os.path.join(tmp_path, segment_name(oldest) + ".log"))
+    assert inode in {os.stat(os.path.join(tmp_path, n)).st_ino for n in os.listdir(tmp_path) if n.endswith(".log")}, "its file was overwritten, not deleted"
+    rest = list(reader)
+    offsets = [first.base_offset] + [b.base_offset for b in rest]
+    assert offsets == sorted(set(offsets)), "offsets go forward only: no batch of the newer segment from the old file"
+    for batch in rest:  # what it read past the recycled file is what was written at those offsets
+        if batch.base_offset in values:
+            assert [orjson.loads(m)["v"] for m in batch.payload.split(b"\n")] == [values[batch.base_offset + i] for i in range(batch.count)]
 
 
 def test_write_error_refuses_then_resumes_without_a_hole(tmp_path, monkeypatch):
