@@ -34,7 +34,8 @@ INDEX_INTERVAL bytes of segment, so a read from an offset seeks, then scans at m
 
 Recycled segments: retention does not delete the oldest segment's file but renames it to
 `recycled.log`, and the next segment to start takes that file over and overwrites it (as
-PostgreSQL recycles its WAL segments). Writing over pages the page cache already holds costs a
+PostgreSQL recycles its WAL segments), unless --retention-age is set (then no record may
+outlive the age on disk, so retired files are deleted). Writing over pages the page cache already holds costs a
 third of the CPU of writing a new file and deleting an old one (new pages to allocate and zero,
 blocks to allocate, old pages to free): see docs/BENCHMARKS.md. So the active segment's file
 may hold, past the end of what was written, the remains of an older segment. Every reader tells
@@ -348,6 +349,8 @@ class TopicLog:
     def _take_recycled(self, path: str) -> None:
         """Let the segment about to start at `path` overwrite the recycled file, if there is one
         (its remains past what the segment writes are told apart by offset, see the docstring)."""
+        if self.retention_age_s is not None:
+            return
         try:
             os.rename(os.path.join(self.directory, RECYCLED_NAME), path)
         except FileNotFoundError:
@@ -408,9 +411,14 @@ class TopicLog:
 
     def _retire(self, base: int) -> None:
         """Remove a segment from the log: its index is deleted, its file becomes the recycled
-        one (replacing an older recycled file, if the next segment has not taken that yet)."""
+        one (replacing an older recycled file, if the next segment has not taken that yet).
+        With --retention-age the file is deleted instead: no record may outlive the age on disk,
+        and a recycled file's remains could."""
         stem = os.path.join(self.directory, segment_name(base))
-        self._quietly(base, os.rename, stem + SEGMENT_SUFFIX, os.path.join(self.directory, RECYCLED_NAME))
+        if self.retention_age_s is None:
+            self._quietly(base, os.rename, stem + SEGMENT_SUFFIX, os.path.join(self.directory, RECYCLED_NAME))
+        else:
+            self._quietly(base, os.unlink, stem + SEGMENT_SUFFIX)
         self._quietly(base, os.unlink, stem + INDEX_SUFFIX)
 
     def _quietly(self, base: int, step: Callable, *paths: str) -> None:

@@ -369,3 +369,11 @@ def test_retention_age_deletes_segments_whose_newest_record_is_older(tmp_path):
     assert not set(old) & set(list_segments(str(tmp_path)))
     assert set(recent) <= set(list_segments(str(tmp_path)))  # within the age: kept
     assert topic_log.first_offset == recent[0]
+
+
+def test_with_a_retention_age_retired_segments_are_deleted_not_recycled(tmp_path):
+    topic_log = open_log(tmp_path, segment_bytes=16 << 10, retention_bytes=48 << 10, retention_age_s=3600.0)
+    write_batches(topic_log, [50] * 200)
+    assert topic_log.first_offset > 0, "retention by bytes retired segments"
+    assert not os.path.exists(os.path.join(tmp_path, tlog.RECYCLED_NAME))
+    assert os.path.getsize(topic_log.active.path) == topic_log.active.size, "a new file: no older records in it"
