@@ -56,6 +56,7 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import stat
 import struct
 import time
 import zlib
@@ -351,8 +352,12 @@ class TopicLog:
         (its remains past what the segment writes are told apart by offset, see the docstring)."""
         if self.retention_age_s is not None:
             return
+        recycled = os.path.join(self.directory, RECYCLED_NAME)
         try:
-            os.rename(os.path.join(self.directory, RECYCLED_NAME), path)
+            if not stat.S_ISREG(os.lstat(recycled).st_mode):  # planted: never written through, never renamed into the log
+                log.warning("Log %s: %s is not a plain file; segments start in new files", self.directory, RECYCLED_NAME)
+                return
+            os.rename(recycled, path)
         except FileNotFoundError:
             pass  # none yet, or the retired segment is still being renamed: a new file, as before
         except OSError as exc:

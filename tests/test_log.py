@@ -377,3 +377,14 @@ def test_with_a_retention_age_retired_segments_are_deleted_not_recycled(tmp_path
     assert topic_log.first_offset > 0, "retention by bytes retired segments"
     assert not os.path.exists(os.path.join(tmp_path, tlog.RECYCLED_NAME))
     assert os.path.getsize(topic_log.active.path) == topic_log.active.size, "a new file: no older records in it"
+
+
+def test_a_planted_link_as_the_recycled_file_is_not_written_through(tmp_path):
+    target = tmp_path.parent / f"{tmp_path.name}-target"
+    target.write_bytes(b"precious")
+    topic_log = open_log(tmp_path, segment_bytes=16 << 10)
+    os.symlink(target, os.path.join(tmp_path, tlog.RECYCLED_NAME))
+    written = write_batches(topic_log, [50] * 100)  # rolls several times
+    assert target.read_bytes() == b"precious"
+    assert os.path.islink(os.path.join(tmp_path, tlog.RECYCLED_NAME))
+    assert [r[0] for r in records(tmp_path)] == list(range(written[0][0], topic_log.next_offset))
