@@ -28,14 +28,15 @@ from streamer.profile import parse_profile  # noqa: E402
 from streamer.timestamps import parse_time_ns  # noqa: E402
 
 T0 = 1_760_707_661_000_000_000
+RUN_TIMEOUT_S = 3 * 3600  # an hour-long pacing run (issue 17: no drift over an hour) and its dump
 
 
 def run(args: list[str], data: str) -> list[dict]:
     cmd = [sys.executable, "-m", "streamer", "--broker-port=0", "--http-port=0", "--no-progress", "--persistence", f"--persistence-dir={data}", *args]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     if done.returncode != 0:
         raise SystemExit(f"the streamer exited {done.returncode}:\n{done.stderr[-2000:]}")
-    out = subprocess.run([sys.executable, "-m", "broker", "dump", f"--persistence-dir={data}"], cwd=ROOT, capture_output=True, timeout=3600, check=True)
+    out = subprocess.run([sys.executable, "-m", "broker", "dump", f"--persistence-dir={data}"], cwd=ROOT, capture_output=True, timeout=RUN_TIMEOUT_S, check=True)
     return [orjson.loads(line) for line in out.stdout.splitlines()]
 
 
