@@ -200,13 +200,14 @@ class Reader:
         """A line with quotes that is not one complete well-formed record. Returns (row or
         Malformed, lines to read again, number of the last line consumed)."""
         result = self._split(text)
-        if result is not _OPEN:
+        if result.__class__ is not _Open:
             return self._sized(result), None, number
-        # a quoted field goes on past this line: gather lines while the quotes stay unbalanced
+        # a quoted field goes on past this line: gather lines until one closes it, then split
+        # from that field's opening quote on (the fields before it are kept), so a record of
+        # many lines costs time in proportion to its length
         limit = self.max_field_bytes
-        parts, extra = [line], []
+        fields, parts, at, extra = result.fields, [line], result.at, []
         size = _bytes(line)
-        odd = True
         while True:
             nxt = next(source, None)
             if nxt is None:
@@ -214,28 +215,32 @@ class Reader:
             extra.append(nxt)
             parts.append(nxt)
             size += _bytes(nxt)
-            if nxt.count('"') % 2:
-                odd = not odd
-            if not odd:
-                result = self._split("".join(parts).rstrip("\r\n"))
-                if isinstance(result, list):
-                    return self._sized(result), None, number + len(extra)
-                if result is not _OPEN:
-                    # closed, but broken after: the row that opened it is lost, not the lines that follow
-                    return Malformed("malformed", "a quoted field that spans lines and is broken after its closing quote"), extra, number + len(extra)
             if size > limit:
                 return Malformed("malformed", f"a quote not closed within {limit} bytes"), extra, number + len(extra)
+            if '"' not in nxt or _CLOSING.match(nxt) is None:
+                continue  # still inside the quoted field
+            raw = "".join(parts)
+            result = self._split(raw.rstrip("\r\n"), at)
+            if result.__class__ is list:
+                return self._sized(fields + result), None, number + len(extra)
+            if result.__class__ is not _Open:
+                # closed, but broken after: the row that opened it is lost, not the lines that follow
+                reason = "a quoted field that spans lines and is broken after its closing quote"
+                return Malformed("malformed", reason), extra, number + len(extra)
+            fields = fields + result.fields  # another quoted field opened and goes on
+            parts, at = [raw[result.at :]], 0
 
     def _sized(self, result):
         if isinstance(result, list) and sum(map(len, result)) > self.max_field_bytes >> 2:
             return self._check_size(result)
         return result
 
-    def _split(self, text: str):
-        """Fields of one logical record, a Malformed, or _OPEN when a quoted field is not closed."""
+    def _split(self, text: str, pos: int = 0):
+        """Fields of one logical record (from `pos`, a field's start), a Malformed, or an _Open
+        when a quoted field is not closed within the text."""
         d, strip, quoted, plain = self.delimiter, self.strip, self._quoted.match, self._plain.match
         fields: list[str] = []
-        pos, end = 0, len(text)
+        end = len(text)
         while True:
             match = quoted(text, pos)
             if match is not None:
@@ -246,7 +251,7 @@ class Reader:
                 value, pos = match.group(), match.end()
                 if pos < end and text[pos] == '"':
                     if not (value.strip(" ") if strip else value):
-                        return _OPEN
+                        return _Open(fields, pos)
                     return Malformed("malformed", "a quote inside an unquoted field")
                 fields.append(value.lstrip(" ") if strip else value)
             if pos == end:
@@ -257,7 +262,18 @@ class Reader:
             return Malformed("malformed", "text after a closing quote")
 
 
-_OPEN = object()
+class _Open:
+    """A quoted field not closed within the text: the fields before it, and where its quote is."""
+
+    __slots__ = ("fields", "at")
+
+    def __init__(self, fields: list[str], at: int):
+        self.fields = fields
+        self.at = at
+
+
+# inside a quoted field: does this line close it? ("" is a quote within it; a lone " closes it)
+_CLOSING = re.compile(r'(?:[^"]|"")*+"(?!")')
 
 
 def _bytes(text: str) -> int:

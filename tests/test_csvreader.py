@@ -80,6 +80,23 @@ def test_each_kind_of_bad_quote_costs_one_row():
     ]
 
 
+def test_a_stray_quote_after_a_field_that_spans_lines_is_found_where_it_is():
+    # the closing line holds two quotes (closing, stray): counting quotes took it for still open
+    # and gathered every line after it to the end or the size limit, calling it never closed
+    lines = ["a,b\n", '"two\n', 'lines",x"y\n'] + [f"{i},{i}\n" for i in range(1000)]
+    reader = Reader(iter(lines), ",")
+    rows = list(reader)
+    assert rows[0] == ["a", "b"]
+    assert isinstance(rows[1], Malformed) and "broken after its closing quote" in rows[1].detail
+    assert rows[-1000:] == [[str(i), str(i)] for i in range(1000)]
+
+
+def test_a_record_of_many_quoted_fields_across_lines_is_read_whole():
+    fields = [f"v{i}\nw{i}" for i in range(2000)]  # 2,000 fields of two lines: one record of 4,001 lines
+    text = "h\n" + ",".join(f'"{f}"' for f in fields) + "\n1\n"
+    assert rows_only(text) == [["h"], fields, ["1"]]
+
+
 def test_unclosed_quote_costs_at_most_the_size_limit():
     lines = ["a,b\n", '"open,1\n'] + [f"x,{i}\n" for i in range(100_000)]
     reader = Reader(iter(lines), ",", max_field_bytes=1000)

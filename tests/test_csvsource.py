@@ -121,13 +121,37 @@ def records_after_the_header(data: bytes) -> int:
 
 
 def well_formed(data: bytes) -> bool:
-    """Whether Python's csv module in strict mode reads the whole text without an error."""
+    """Whether the text is RFC 4180 CSV: Python's csv module in strict mode reads it without an
+    error, and no unquoted field holds a quote (csv keeps a"b as a value; RFC 4180, and so our
+    reader, does not: such a row is malformed, and the lines after it are read again)."""
+    text = data.decode("utf-8-sig", "surrogateescape")
     try:
-        for _ in csv.reader(io.StringIO(data.decode("utf-8-sig", "surrogateescape"), newline=""), strict=True):
+        for _ in csv.reader(io.StringIO(text, newline=""), strict=True):
             pass
     except csv.Error:
         return False
-    return True
+    return not _quote_in_an_unquoted_field(text)
+
+
+def _quote_in_an_unquoted_field(text: str) -> bool:
+    """A character-by-character RFC 4180 walk (independent of the reader's regexes)."""
+    inside, at_field_start = False, True
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if inside:
+            if c == '"':
+                if text[i + 1 : i + 2] == '"':
+                    i += 1
+                else:
+                    inside = False
+        elif c == '"':
+            if not at_field_start:
+                return True
+            inside = True
+        at_field_start = not inside and c in ",\r\n"
+        i += 1
+    return False
 
 
 # rows shaped like CSV: few or too many fields, empty fields, quotes, stray bytes

@@ -36,7 +36,9 @@ def run(args: list[str], data: str) -> list[dict]:
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     if done.returncode != 0:
         raise SystemExit(f"the streamer exited {done.returncode}:\n{done.stderr[-2000:]}")
-    out = subprocess.run([sys.executable, "-m", "broker", "dump", f"--persistence-dir={data}"], cwd=ROOT, capture_output=True, timeout=RUN_TIMEOUT_S, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "broker", "dump", f"--persistence-dir={data}"], cwd=ROOT, capture_output=True, timeout=RUN_TIMEOUT_S, check=True
+    )
     return [orjson.loads(line) for line in out.stdout.splitlines()]
 
 
