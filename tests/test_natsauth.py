@@ -17,6 +17,7 @@ import nkeys
 import pytest
 import trustme
 from helpers import ROOT, Proc, get_json, summary, wait_until
+from natsjwt import Key, Operator
 from natsserver import NatsServer, assert_exactly_once, read_ids
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -138,6 +139,10 @@ def test_mutual_tls_takes_the_client_certificate_and_refuses_without_it(procs, s
     mine = (f"--nats-tls-cert={pki['client_cert']}", f"--nats-tls-key={pki['client_key']}")
     figures = stream_and_drain(procs, url, sample_csv, f"--nats-tls-ca={pki['ca']}", *mine)
     assert_exactly_once(read_ids(url, tls=client_tls(pki, cert=True)), figures["published"])
+    result = tail(url, f"--nats-tls-ca={pki['ca']}", *mine)  # the tail command takes the same options
+    assert result.returncode == 0 and len(result.stdout.splitlines()) == 3, result.stderr
+    result = tail(url, f"--nats-tls-ca={pki['ca']}")
+    assert result.returncode == 1 and "requires a client certificate" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
     line = one_line_error(procs, url, sample_csv, f"--nats-tls-ca={pki['ca']}")
     assert "requires a client certificate" in line and "--nats-tls-cert" in line, line
@@ -170,17 +175,17 @@ def test_tls_asked_for_is_never_plain_text(procs, servers, pki, sample_csv):
     assert "does not offer TLS" in line and "hunter2" not in line, line
     line = one_line_error(procs, url.replace("tls://", "nats://"), sample_csv, f"--nats-tls-ca={pki['ca']}")  # a TLS file asks for TLS too
     assert "does not offer TLS" in line, line
-    tail = subprocess.run(
-        [sys.executable, "-m", "broker", "tail", f"--broker-url={url}", "--from-start", "--count=1"], cwd=ROOT, capture_output=True, text=True, timeout=60
-    )
-    assert tail.returncode != 0 and "does not offer TLS" in tail.stderr and len(tail.stderr.strip().splitlines()) == 1, tail.stderr
+    result = tail(url)  # the tail command too (a tls:// URL alone asks for TLS)
+    assert result.returncode == 1 and "does not offer TLS" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "hunter2" not in result.stderr
     wait_until(lambda: plain.proc.output.count("Client connection created") >= 3, timeout=10, message="the three connections in the server's log")
     assert "CONNECT" not in plain.proc.output and "hunter2" not in plain.proc.output, plain.proc.output
 
     optional = servers(tls_block(pki) + "allow_non_tls: true\n", args=["-D"], name="n2")
     url = f"tls://127.0.0.1:{optional.port}"
     stream_and_drain(procs, url, sample_csv, f"--nats-tls-ca={pki['ca']}", at_least=100)
-    assert optional.proc.output.count("TLS handshake complete") >= 3, optional.proc.output  # the parent's two connections and the workers'
+    connections = optional.proc.output.count("Client connection created")
+    assert connections >= 4 and optional.proc.output.count("TLS handshake complete") == connections, optional.proc.output  # the parent's two, the workers'
 
 
 # -- NKey, token, password --------------------------------------------------------------------------
@@ -227,6 +232,39 @@ def test_password_is_not_shown_when_jetstream_is_off(procs, tmp_path, sample_csv
         server.kill()
 
 
+# -- .creds: an operator, its accounts and a user (decentralized auth) ------------------------------
+
+
+def tail(url: str, *args: str) -> subprocess.CompletedProcess:
+    """`telemetry-broker tail` reading the first 3 messages of the stream."""
+    argv = [sys.executable, "-m", "broker", "tail", f"--broker-url={url}", "--from-start", "--count=3", *args]
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_creds_of_an_operator_account_user_stream_and_refusals_are_one_line(procs, servers, tmp_path, sample_csv):
+    operator = Operator()
+    server = servers(operator.server_conf())
+    creds = operator.user_creds(tmp_path / "streamer.creds")
+    figures = stream_and_drain(procs, server.url, sample_csv, f"--nats-creds={creds}")
+    assert_exactly_once(read_ids(server.url, user_credentials=creds), figures["published"])
+    seed = open(creds).read().split("-----BEGIN USER NKEY SEED-----\n")[1].split()[0]
+    assert seed not in figures["output"]
+    result = tail(server.url, f"--nats-creds={creds}")
+    assert result.returncode == 0 and len(result.stdout.splitlines()) == 3, result.stderr
+
+    stranger = Key(nkeys.PREFIX_BYTE_ACCOUNT)  # an account the server was never told about
+    refused = {
+        "unknown account": operator.user_creds(tmp_path / "stranger.creds", signer=stranger),
+        "expired": operator.user_creds(tmp_path / "expired.creds", expires=int(time.time()) - 60),
+        "another user's seed": operator.user_creds(tmp_path / "mixed.creds", seed=Key(nkeys.PREFIX_BYTE_USER).seed),
+    }
+    for why, path in refused.items():
+        line = one_line_error(procs, server.url, sample_csv, f"--nats-creds={path}")
+        assert "refused the credentials" in line, (why, line)
+    result = tail(server.url, f"--nats-creds={refused['expired']}")
+    assert result.returncode == 1 and "refused the credentials" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 # -- files that are not what they claim: usage errors, before anything connects --------------------
 
 SEED = nkeys.encode_seed(b"\x01" * 32, nkeys.PREFIX_BYTE_USER).decode()
@@ -249,6 +287,7 @@ JWT = "eyJ0eXAiOiJKV1QiLCJhbGciOiJlZDI1NTE5LW5rZXkifQ.e30.c2ln"
         ("public.nk", nkeys.from_seed(bytearray(SEED.encode())).public_key.decode(), "--nats-nkey", "not an NKey seed"),  # a public key, not its seed
         ("ca.pem", "not a certificate\n", "--nats-tls-ca", "cannot load CA certificates"),
     ],
+    ids=lambda value: value if isinstance(value, str) and value.endswith((".creds", ".nk", ".pem")) else "",
 )
 def test_malformed_credential_files_are_usage_errors(tmp_path, name, text, option, words):
     path = tmp_path / name
