@@ -139,11 +139,9 @@ def failure(exc: BaseException) -> str | None:
             return "the server requires a client certificate (give --nats-tls-cert and --nats-tls-key)"
         if "UNKNOWN_CA" in reason or "BAD_CERTIFICATE" in reason or "CERTIFICATE_UNKNOWN" in reason:
             return f"the server refused the client certificate ({reason}): it must be signed by a CA the server trusts"
-        if "WRONG_VERSION_NUMBER" in reason or "RECORD_LAYER_FAILURE" in reason:
-            return f"TLS handshake failed ({reason}): is it a NATS server with TLS?"
         return f"TLS handshake failed ({reason})"
     text = str(exc).lower()
-    if "authorization violation" in text or "authentication" in text or "user authentication expired" in text:
+    if "authorization violation" in text or "authentication" in text:  # also "user authentication expired"
         return f"the server refused the credentials ({str(exc).removeprefix('nats: ').strip(chr(39))})"
     return None
 
@@ -215,8 +213,10 @@ def _check_creds(path: str) -> None:
     """A .creds file holds a `NATS USER JWT` block and a `USER NKEY SEED` block (as `nsc` writes it)."""
     blocks = {name: value for name, value in _CREDS_BLOCK.findall(_read(path))}
     jwt = blocks.get(b"NATS USER JWT")
-    if jwt is None or jwt.count(b".") != 2:
+    if jwt is None:
         raise click.BadParameter(f"{path} is not a .creds file (no NATS USER JWT block)", param_hint="'--nats-creds'")
+    if jwt.count(b".") != 2:
+        raise click.BadParameter(f"{path}: its NATS USER JWT block holds no JWT", param_hint="'--nats-creds'")
     if b"USER NKEY SEED" not in blocks:
         raise click.BadParameter(f"{path} is not a .creds file (no USER NKEY SEED block)", param_hint="'--nats-creds'")
     _check_seed(blocks[b"USER NKEY SEED"], "--nats-creds", path)

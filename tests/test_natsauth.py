@@ -283,6 +283,12 @@ JWT = "eyJ0eXAiOiJKV1QiLCJhbGciOiJlZDI1NTE5LW5rZXkifQ.e30.c2ln"
             "--nats-creds",
             "not an NKey seed",
         ),
+        (
+            "notajwt.creds",
+            f"-----BEGIN NATS USER JWT-----\nnot-a-jwt\n------END NATS USER JWT------\n\n-----BEGIN USER NKEY SEED-----\n{SEED}\n------END USER NKEY SEED------\n",
+            "--nats-creds",
+            "holds no JWT",
+        ),
         ("garbage.nk", "not a seed\n", "--nats-nkey", "not an NKey seed"),
         ("public.nk", nkeys.from_seed(bytearray(SEED.encode())).public_key.decode(), "--nats-nkey", "not an NKey seed"),  # a public key, not its seed
         ("ca.pem", "not a certificate\n", "--nats-tls-ca", "cannot load CA certificates"),
