@@ -20,7 +20,7 @@ import click
 from common import commandline
 from common.logsetup import FORMATS, LEVELS, setup_logging
 from common.names import valid_topic
-from common.natsconn import connection_from_options, connection_options, is_nats_url, valid_nats_url
+from common.natsconn import connection_from_options, connection_options, failure, is_nats_url, valid_nats_url
 from common.options import Size, Timestamp, bool_flag
 from common.timefmt import rfc3339_ns
 
@@ -223,9 +223,8 @@ def tail(broker_url, topic, from_beginning, from_offset, from_time, meta, count,
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
         except Exception as exc:  # unreachable, refused, no such stream: one line
-            raise click.ClickException(
-                f"cannot read stream {nats_stream!r} at NATS {connection.shown}: {str(exc).removeprefix('nats: ') or type(exc).__name__}"
-            ) from None
+            reason = failure(exc) or str(exc).removeprefix("nats: ") or type(exc).__name__
+            raise click.ClickException(f"cannot read stream {nats_stream!r} at NATS {connection.shown}: {reason}") from None
 
     from .client import Consumer, Subscriber
 

@@ -15,7 +15,7 @@ import datetime
 
 import orjson
 
-from common.natsconn import NatsConnection
+from common.natsconn import NatsConnection, failure
 from common.timefmt import rfc3339_ns
 
 
@@ -25,7 +25,14 @@ async def tail(
     import nats
     from nats.js.api import ConsumerConfig, DeliverPolicy
 
-    nc = await nats.connect(**connection.connect_options("telemetry-broker tail"), max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+    connected = False
+
+    async def on_error(exc: Exception) -> None:
+        if not connected and failure(exc):  # TLS or credentials refused at start: stop trying, say why in one line
+            raise exc
+
+    nc = await connection.open_client("telemetry-broker tail", max_reconnect_attempts=-1, reconnect_time_wait=0.5, error_cb=on_error)
+    connected = True
     try:
         js = nc.jetstream()
         options: dict = {"deliver_policy": DeliverPolicy.NEW}

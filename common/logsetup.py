@@ -40,6 +40,15 @@ class _Json(logging.Formatter):
         return orjson.dumps(entry).decode()
 
 
+class _HarmlessAsyncioWarning(logging.Filter):
+    """asyncio (and uvloop) warn on every close of a connection upgraded to TLS by `start_tls`, as
+    nats-py upgrades its NATS connections: the stream protocol asks to keep a half-closed socket
+    open, which TLS cannot do. Nothing is wrong; the line would follow every TLS drain."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "returning true from eof_received() has no effect when using ssl")
+
+
 def setup_logging(level: str = "info", fmt: str = "text", *, component: str, worker: int | None = None) -> None:
     """Configure this process's root logger (stderr)."""
     handler = logging.StreamHandler(sys.stderr)
@@ -52,3 +61,6 @@ def setup_logging(level: str = "info", fmt: str = "text", *, component: str, wor
     root.setLevel(level.upper())
     for noisy in ("asyncio", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _HarmlessAsyncioWarning) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_HarmlessAsyncioWarning())

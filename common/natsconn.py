@@ -6,6 +6,16 @@ their click options, and the keyword arguments nats-py's `connect()` takes for t
     --nats-nkey FILE       an NKey seed file
     --nats-tls-ca/--nats-tls-cert/--nats-tls-key FILE
 
+TLS is required, never optional, once asked for: a `tls://` URL or any --nats-tls-* file makes
+`open_client` refuse a server that does not offer TLS before anything (credentials included) is
+sent in the clear; nats-py alone would carry on in plain text. A `nats://` URL to a server that
+requires TLS is upgraded (verified against --nats-tls-ca, else the system's CAs).
+
+The files are checked when the options are read (`connection_from_options`): a certificate or key
+that does not load, a seed that is not an NKey seed, a .creds file without its JWT and seed blocks
+are usage errors (nats-py would read them only at connect time, and loops forever on a .creds file
+without a JWT). `failure` turns what a server or the TLS handshake refused into one line.
+
 nats-py is imported only when a connection is made (only NATS users pay for it).
 """
 
@@ -14,6 +24,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import ssl
 from dataclasses import dataclass
 
 import click
@@ -38,6 +49,14 @@ def redact(url: str) -> str:
     return re.sub(r"://[^@/,]+@", "://***@", url)
 
 
+def address(url) -> str | None:
+    """HOST:PORT of a parsed server URL (nats-py's `connected_url`), never its user, password or token."""
+    if url is None:
+        return None
+    host = f"[{url.hostname}]" if url.hostname and ":" in url.hostname else url.hostname
+    return f"{host}:{url.port}" if url.port else str(host)
+
+
 @dataclass(frozen=True)
 class NatsConnection:
     servers: tuple[str, ...]
@@ -55,6 +74,18 @@ class NatsConnection:
     def shown(self) -> str:
         return redact(",".join(self.servers))
 
+    @property
+    def wants_tls(self) -> bool:
+        """TLS was asked for: a tls:// URL, or a --nats-tls-* file."""
+        return bool(self.tls_ca or self.tls_cert) or any(s.startswith("tls://") for s in self.servers)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """Verifies the servers (against `tls_ca`, else the system's CAs); presents the client certificate if given."""
+        context = ssl.create_default_context(cafile=self.tls_ca)
+        if self.tls_cert:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        return context
+
     def connect_options(self, name: str) -> dict:
         """Keyword arguments for `nats.connect` (without the reconnect policy)."""
         options: dict = {"servers": list(self.servers), "name": name}
@@ -62,14 +93,57 @@ class NatsConnection:
             options["user_credentials"] = self.creds
         if self.nkey:
             options["nkeys_seed"] = self.nkey
-        if self.tls_ca or self.tls_cert or any(s.startswith("tls://") for s in self.servers):
-            import ssl
-
-            context = ssl.create_default_context(cafile=self.tls_ca)
-            if self.tls_cert:
-                context.load_cert_chain(self.tls_cert, self.tls_key)
-            options["tls"] = context
+        if self.wants_tls:
+            options["tls"] = self.ssl_context()
         return options
+
+    async def open_client(self, name: str, **options):
+        """A connected nats-py client (`options`: nats-py's, e.g. the reconnect policy and callbacks).
+
+        With TLS asked for, a server that neither requires nor offers TLS is refused at every
+        (re)connection, after its INFO and before our CONNECT: nats-py upgrades only when the
+        server requires TLS, so it is told to upgrade when the server merely offers it."""
+        import nats
+
+        nc = nats.NATS()
+        if self.wants_tls:
+            process_info = nc._process_info
+
+            async def require_tls(info: dict, initial_connection: bool = False) -> None:
+                if initial_connection and not info.get("tls_required"):
+                    if not info.get("tls_available"):
+                        raise TlsNotOffered("the server does not offer TLS (tls:// or --nats-tls-* ask for it; nothing was sent)")
+                    info["tls_required"] = True  # the same dict nats-py checks next: upgrade
+                await process_info(info, initial_connection)
+
+            nc._process_info = require_tls
+        await nc.connect(**{**self.connect_options(name), **options})
+        return nc
+
+
+class TlsNotOffered(ConnectionError):
+    """TLS was asked for and the server does not offer it (an OSError: nats-py counts it as a failed
+    connection, tries the next server and, when reconnecting, keeps trying)."""
+
+
+def failure(exc: BaseException) -> str | None:
+    """One line for a refusal that waiting will not cure (TLS, credentials); None for anything else
+    (a server not up yet, a timeout)."""
+    if isinstance(exc, TlsNotOffered):
+        return str(exc)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"the server's TLS certificate did not verify ({exc.verify_message}); give the CA that signed it with --nats-tls-ca"
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or str(exc)
+        if "CERTIFICATE_REQUIRED" in reason:
+            return "the server requires a client certificate (give --nats-tls-cert and --nats-tls-key)"
+        if "UNKNOWN_CA" in reason or "BAD_CERTIFICATE" in reason or "CERTIFICATE_UNKNOWN" in reason:
+            return f"the server refused the client certificate ({reason}): it must be signed by a CA the server trusts"
+        return f"TLS handshake failed ({reason})"
+    text = str(exc).lower()
+    if "authorization violation" in text or "authentication" in text:  # also "user authentication expired"
+        return f"the server refused the credentials ({str(exc).removeprefix('nats: ').strip(chr(39))})"
+    return None
 
 
 def _readable(ctx, param, value: str | None) -> str | None:
@@ -95,7 +169,57 @@ def connection_options(env_prefix: str):
 def connection_from_options(url: str, nats_creds, nats_nkey, nats_tls_ca, nats_tls_cert, nats_tls_key) -> NatsConnection:
     if bool(nats_tls_cert) != bool(nats_tls_key):
         raise click.UsageError("--nats-tls-cert and --nats-tls-key go together")
-    return NatsConnection.from_url(url, creds=nats_creds, nkey=nats_nkey, tls_ca=nats_tls_ca, tls_cert=nats_tls_cert, tls_key=nats_tls_key)
+    connection = NatsConnection.from_url(url, creds=nats_creds, nkey=nats_nkey, tls_ca=nats_tls_ca, tls_cert=nats_tls_cert, tls_key=nats_tls_key)
+    if connection.wants_tls:
+        _check_tls(nats_tls_ca, nats_tls_cert, nats_tls_key)
+    if nats_nkey:
+        _check_seed(_read(nats_nkey), "--nats-nkey", nats_nkey)
+    if nats_creds:
+        _check_creds(nats_creds)
+    return connection
+
+
+def _check_tls(ca: str | None, cert: str | None, key: str | None) -> None:
+    try:
+        context = ssl.create_default_context(cafile=ca)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise click.BadParameter(f"cannot load CA certificates from {ca} ({getattr(exc, 'reason', None) or exc})", param_hint="'--nats-tls-ca'") from None
+    if cert:
+        try:
+            context.load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise click.UsageError(f"--nats-tls-cert/--nats-tls-key: cannot load the client certificate {cert} with key {key} ({reason})") from None
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(1 << 20)
+
+
+def _check_seed(text: bytes, option: str, path: str) -> None:
+    import nkeys
+
+    try:
+        nkeys.from_seed(bytearray(text.strip())).public_key  # noqa: B018 (decodes and checks the seed)
+    except Exception:
+        raise click.BadParameter(f"{path} is not an NKey seed (one line, starting with S)", param_hint=f"'{option}'") from None
+
+
+_CREDS_BLOCK = re.compile(rb"-{3,}BEGIN ([A-Z ]+)-{3,}\s*\n\s*(\S+)\s*\n\s*-{3,}END \1-{3,}")
+
+
+def _check_creds(path: str) -> None:
+    """A .creds file holds a `NATS USER JWT` block and a `USER NKEY SEED` block (as `nsc` writes it)."""
+    blocks = {name: value for name, value in _CREDS_BLOCK.findall(_read(path))}
+    jwt = blocks.get(b"NATS USER JWT")
+    if jwt is None:
+        raise click.BadParameter(f"{path} is not a .creds file (no NATS USER JWT block)", param_hint="'--nats-creds'")
+    if jwt.count(b".") != 2:
+        raise click.BadParameter(f"{path}: its NATS USER JWT block holds no JWT", param_hint="'--nats-creds'")
+    if b"USER NKEY SEED" not in blocks:
+        raise click.BadParameter(f"{path} is not a .creds file (no USER NKEY SEED block)", param_hint="'--nats-creds'")
+    _check_seed(blocks[b"USER NKEY SEED"], "--nats-creds", path)
 
 
 def subject_covers(pattern: str, subject: str) -> bool:

@@ -33,8 +33,19 @@ class NatsServer:
     """One nats-server; `start()` again after `kill()` restarts it on the same port and store."""
 
     def __init__(
-        self, store, name: str = "n1", *, jetstream: bool = True, user: str | None = None, password: str | None = None, cluster_port: int = 0, routes=()
+        self,
+        store,
+        name: str = "n1",
+        *,
+        jetstream: bool = True,
+        user: str | None = None,
+        password: str | None = None,
+        cluster_port: int = 0,
+        routes=(),
+        conf: str = "",
+        args=(),
     ):
+        """`conf`: a configuration file's text (tls {...}, authorization {...}); `args`: more flags (-D, -V)."""
         self.store = str(store)
         self.name = name
         self.port = free_port()
@@ -42,6 +53,8 @@ class NatsServer:
         self.auth = (user, password) if user else None
         self.cluster_port = cluster_port
         self.routes = list(routes)
+        self.conf = conf
+        self.args = list(args)
         self.proc: Proc | None = None
 
     @property
@@ -56,7 +69,12 @@ class NatsServer:
             args += ["--user", self.auth[0], "--pass", self.auth[1]]
         if self.cluster_port:
             args += ["--cluster_name", "telemetry", "--cluster", f"nats://127.0.0.1:{self.cluster_port}", "--routes", ",".join(self.routes)]
-        self.proc = Proc(argv=args)
+        if self.conf:
+            path = os.path.join(os.path.dirname(self.store), self.name + ".conf")
+            with open(path, "w") as f:
+                f.write(self.conf)
+            args += ["-c", path]
+        self.proc = Proc(argv=args + self.args)
         if ready:
             self.proc.wait_for_line("Server is ready", timeout=30)
         return self
@@ -86,11 +104,11 @@ def start_cluster(tmp_path, size: int = 3) -> tuple[list[NatsServer], str]:
     return servers, ",".join(s.url for s in servers)
 
 
-async def _read_ids(url: str, stream: str, subject: str, timeout: float) -> list[str]:
+async def _read_ids(url: str, stream: str, subject: str, timeout: float, connect: dict) -> list[str]:
     import nats
     from nats.js.api import DeliverPolicy
 
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, **connect)
     try:
         js = nc.jetstream()
         total = (await js.stream_info(stream)).state.messages
@@ -111,9 +129,10 @@ async def _read_ids(url: str, stream: str, subject: str, timeout: float) -> list
         await nc.close()
 
 
-def read_ids(url: str, stream: str = "TELEMETRY", subject: str = "telemetry", timeout: float = 60.0) -> list[str]:
-    """Every message's Nats-Msg-Id in the stream, in stream order (headers only, no bodies)."""
-    return asyncio.run(_read_ids(url, stream, subject, timeout))
+def read_ids(url: str, stream: str = "TELEMETRY", subject: str = "telemetry", timeout: float = 60.0, **connect) -> list[str]:
+    """Every message's Nats-Msg-Id in the stream, in stream order (headers only, no bodies);
+    `connect`: more nats.connect options (tls=, nkeys_seed=, user_credentials=)."""
+    return asyncio.run(_read_ids(url, stream, subject, timeout, connect))
 
 
 def assert_exactly_once(ids: list[str], published: int) -> dict[str, list[int]]:

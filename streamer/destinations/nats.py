@@ -48,7 +48,7 @@ from nats.protocol.parser import AWAITING_CONTROL_LINE, Parser
 
 from broker.client import DEFAULT_WINDOW_BYTES
 from broker.protocol import PRODUCER_ID_BYTES
-from common.natsconn import NatsConnection, subject_covers
+from common.natsconn import NatsConnection, address, failure, subject_covers
 
 from . import DestinationError
 
@@ -69,15 +69,14 @@ _HEADER_START = b"NATS/1.0\r\nNats-Msg-Id: "
 
 async def connect(connection: NatsConnection, name: str, *, reconnect: bool, **callbacks) -> nats.NATS:
     """A nats-py client; with `reconnect`, it reconnects forever by itself."""
-    options = connection.connect_options(name)
-    options.update(callbacks)
+    options = dict(callbacks)
     if reconnect:
         options.update(allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5, ping_interval=5, max_outstanding_pings=2)
     else:
         options.update(allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.1)  # 0 would mean: forever
     options.setdefault("error_cb", _quiet)
     options.setdefault("connect_timeout", 2)
-    return await nats.connect(**options)
+    return await connection.open_client(name, **options)
 
 
 async def _quiet(exc: Exception) -> None:
@@ -113,8 +112,9 @@ async def prepare(cfg) -> int:
             nc = await asyncio.wait_for(connect(n.connection, "telemetry-streamer", reconnect=False, error_cb=on_error), 10)
         except Exception as exc:
             reason = _why(errors[-1] if errors else exc)
-            if "authorization" in reason.lower() or "authentication" in reason.lower() or "user" in reason.lower() and "permission" in reason.lower():
-                raise DestinationError(f"NATS at {where} refused the credentials ({reason})") from None
+            refused = next(filter(None, map(failure, [exc, *errors])), None)
+            if refused:  # TLS or credentials: waiting will not help
+                raise DestinationError(f"NATS at {where}: {refused}") from None
             if time.monotonic() >= deadline:
                 raise DestinationError(f"no NATS server reachable at {where} within {n.connect_wait:g} s ({reason})") from None
             if not waited:
@@ -123,7 +123,7 @@ async def prepare(cfg) -> int:
             await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
     try:
         if not nc._server_info.get("jetstream"):
-            raise DestinationError(f"JetStream is not enabled on the NATS server at {nc.connected_url.netloc} (start it with -js)")
+            raise DestinationError(f"JetStream is not enabled on the NATS server at {address(nc.connected_url)} (start it with -js)")
         js = nc.jetstream(timeout=2)
         info = None
         while info is None:
@@ -260,7 +260,7 @@ class StreamMonitor:
                 "leader": cluster.leader,
                 "replicas": [{"name": r.name, "current": r.current, "active_s": r.active, "lag": r.lag} for r in (cluster.replicas or [])],
             },
-            "server": self.nc.connected_url.netloc if self.nc.connected_url else None,
+            "server": address(self.nc.connected_url),
         }
         return self.state
 
@@ -556,7 +556,7 @@ class NatsDestination:
         log.info(
             "%s: reconnected to NATS %s after %.1f s; resending %d unacknowledged messages",
             self.label,
-            self.nc.connected_url.netloc,
+            address(self.nc.connected_url),
             time.monotonic() - since,
             self._outstanding,
         )
