@@ -4,7 +4,9 @@ the worker's own rate limit, and drain on SIGTERM.
 The per-message path is `Envelope.batch` (one clock read and one format per message); everything
 else here happens per batch or per pass.
 
-The parent receives a status dict over a pipe about once a second and once more at exit:
+The parent receives a status dict over a pipe about once a second while the worker sends (after a
+send, a moment the worker is awake anyway), at least every STATUS_FALLBACK_S otherwise (its own
+timer, backing off to STATUS_IDLE_S while nothing changes), and once more at exit:
 {"sent", "published", "unacked", "lost_by_broker", "skipped", "finished", "failed"} (see
 supervisor.WorkerSlot); `finished` (in the final status only) means the input was read once to
 its end (standard input, a FIFO) and the worker drained on its own: the parent does not restart it.
@@ -38,7 +40,9 @@ from .replay import ProfileRun, Replay, run_paced, run_profile, run_rate
 log = logging.getLogger("streamer.worker")
 
 PROGRESS_INTERVAL_S = 10.0  # "Worker i: Processed N records" at most this often
-STATUS_INTERVAL_S = 1.0  # the status the parent's /stats and summary show
+STATUS_INTERVAL_S = 1.0  # the status the parent's /stats and summary show: at most this often after a send,
+STATUS_FALLBACK_S = 2.0  # and from a timer when no send brought one for this long (a slow or idle worker),
+STATUS_IDLE_S = 10.0  # which backs off to this while the status stays the same
 REPORT_INTERVAL_S = 10.0  # an unchanged report goes to the broker again this often (e.g. after its restart)
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 30.0  # backoff while the file is missing or unusable
 _PR_SET_PDEATHSIG = 1
@@ -107,6 +111,13 @@ class Worker:
         self.destination.label = self.label  # its log lines name the worker
         self.name = f"worker-{index}@{socket.gethostname()}/{os.getpid()}"
         self._stop = asyncio.Event()
+        self._status_at = float("-inf")  # when the last status went (monotonic): the first send brings one
+        self._status_every = STATUS_FALLBACK_S
+        self._status_timer: asyncio.TimerHandle | None = None
+        self._last_status: dict | None = None
+        self._reported: dict | None = None  # the skipped rows the broker last heard, and when
+        self._reported_at = 0.0
+        self._reporting: asyncio.Task | None = None
 
     async def run(self) -> None:
         """Start, produce until told to stop, then drain: flush what is sent, report, exit."""
@@ -116,14 +127,17 @@ class Worker:
         await self.destination.start()
         log.info("%s started (pid %d, producer %s)", self.label, os.getpid(), self.destination.producer_id.hex())
         producing = asyncio.create_task(self._produce() if self.replay is None else self._produce_replay())
-        reporting = asyncio.create_task(self._report_periodically())
         stopping = asyncio.create_task(self._stop.wait())
+        self._status_timer = loop.call_later(STATUS_FALLBACK_S, self._status_timer_fired)
         await asyncio.wait({producing, stopping}, return_when=asyncio.FIRST_COMPLETED)
 
         # drain: stop reading, wait for what is sent to be acknowledged, report, close
-        for task in (producing, reporting, stopping):
+        if self._status_timer is not None:
+            self._status_timer.cancel()
+        tasks = (producing, stopping, *([self._reporting] if self._reporting is not None else []))
+        for task in tasks:
             task.cancel()
-        results = await asyncio.gather(producing, reporting, stopping, return_exceptions=True)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
         await self._report_to_broker()  # ahead of the flush, so it arrives before the last ACK
         flushed = await self.destination.flush(self.cfg.shutdown_timeout)
         if not flushed:
@@ -200,6 +214,8 @@ class Worker:
             await asyncio.sleep(0)  # sends that complete at once never yield: let acks and signals in
 
             now = time.monotonic()
+            if now - self._status_at >= STATUS_INTERVAL_S:
+                self._status(now)
             if source.completed_passes > logged_passes and (logged_passes == 0 or now - last_pass_log >= PROGRESS_INTERVAL_S):
                 log.info("%s: Reached end of CSV, restarting from beginning (pass %d)", self.label, source.completed_passes + 1)
                 last_pass_log, logged_passes = now, source.completed_passes
@@ -267,6 +283,9 @@ class Worker:
                 await self.destination.publish(body, len(rows))
             self.sent += len(rows)
             await asyncio.sleep(0)  # let acks and signals in
+            now = time.monotonic()
+            if now - self._status_at >= STATUS_INTERVAL_S:
+                self._status(now)
 
         while True:
             try:
@@ -304,26 +323,36 @@ class Worker:
         log.info("%s: done after %s (%d records); draining", self.label, what, self.sent)
         self.finished = True
 
-    async def _report_periodically(self) -> None:
-        reported, reported_at = None, 0.0
-        while True:
-            await asyncio.sleep(STATUS_INTERVAL_S)
-            if os.getppid() != self.parent_pid:  # orphaned where PDEATHSIG is unavailable
-                self._stop.set()
-            now = time.monotonic()
-            if self.source.skipped != reported or now - reported_at >= REPORT_INTERVAL_S:  # no wake-up of the broker for nothing new
-                reported, reported_at = self.source.skipped.copy(), now
-                await self._report_to_broker()
-            self._send_status()
+    def _status(self, now: float) -> None:
+        """The status to the parent, and the report to the broker when the skipped rows changed
+        (or every REPORT_INTERVAL_S: no wake-up of the broker for nothing new). Called when the
+        worker is awake anyway (after a send), or by the fallback timer, which it re-arms: a
+        worker that sends at least once a second never wakes for its status."""
+        if os.getppid() != self.parent_pid:  # orphaned where PDEATHSIG is unavailable
+            self._stop.set()
+        skipped = dict(self.source.skipped)  # the report goes a moment later: it says what the status says
+        if (self._reporting is None or self._reporting.done()) and (skipped != self._reported or now - self._reported_at >= REPORT_INTERVAL_S):
+            self._reported, self._reported_at = skipped, now
+            self._reporting = asyncio.ensure_future(self._report_to_broker(skipped))
+        status = self._send_status()
+        self._status_every = min(self._status_every * 2, STATUS_IDLE_S) if status == self._last_status else STATUS_FALLBACK_S
+        self._status_at, self._last_status = now, status
+        if self._status_timer is not None:
+            self._status_timer.cancel()
+        self._status_timer = asyncio.get_running_loop().call_later(self._status_every, self._status_timer_fired)
 
-    async def _report_to_broker(self) -> None:
-        """The worker's name and skipped rows go to the broker's stats (`producers`, `skipped`)."""
+    def _status_timer_fired(self) -> None:
+        self._status_timer = None
+        self._status(time.monotonic())
+
+    async def _report_to_broker(self, skipped: dict | None = None) -> None:
+        """The worker's name and skipped rows (by default, as they are now) go to the broker's stats (`producers`, `skipped`)."""
         try:
-            await self.destination.report({"name": self.name, "skipped": dict(self.source.skipped)})
+            await self.destination.report({"name": self.name, "skipped": dict(self.source.skipped) if skipped is None else skipped})
         except Exception:  # the report is informative; never let it stop a drain
             log.debug("%s: report to broker failed", self.label, exc_info=True)
 
-    def _send_status(self, final: bool = False) -> None:
+    def _send_status(self, final: bool = False) -> dict:
         status = {
             "sent": self.sent,
             "published": self.destination.published,
@@ -344,6 +373,7 @@ class Worker:
             self.status.send(status)
         except OSError:  # parent gone
             self._stop.set()
+        return status
 
 
 def _reason(error: Exception) -> str:
