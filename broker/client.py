@@ -128,6 +128,7 @@ class Publisher(_Client):
         self.rejected = 0  # messages the broker refused as invalid (never resent)
         self.resends = 0  # batches sent again
         self.lost_by_broker = 0  # acknowledged messages the broker later no longer had
+        self.on_acknowledged = None  # called (no arguments) whenever acknowledgments arrive: a moment the owner is awake anyway
         self._topic = topic.encode()
         self._next_seq = 0
         self._inflight: deque[_Batch] = deque()
@@ -205,6 +206,8 @@ class Publisher(_Client):
             elif backed_off:  # acknowledged again after resends: the next check comes ack_timeout after the oldest send
                 self._check_overdue_in(0)
             self._changed.set()
+            if self.on_acknowledged is not None:
+                self.on_acknowledged()
 
     async def _refused(self, first_seq: int, count: int, expected: int, code: bytes, reason: str) -> None:
         if code == p.NACK_SEQUENCE:

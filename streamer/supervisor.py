@@ -22,6 +22,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
+import orjson
+
 from broker.server import Broker, BrokerStartError
 from common.httpauth import HttpSecurityError
 
@@ -245,19 +247,28 @@ class Supervisor:
         loop.add_reader(process.sentinel, self._on_exit, slot)
 
     def _read_status(self, slot: WorkerSlot) -> None:
+        """The pipe is readable: one status (written at once, it is there whole; another one
+        waiting calls this again), or the end (the worker exited)."""
+        try:
+            slot.status = orjson.loads(slot.conn.recv_bytes())
+        except (EOFError, OSError):
+            asyncio.get_running_loop().remove_reader(slot.conn.fileno())
+
+    def _read_final_status(self, slot: WorkerSlot) -> None:
+        """After the worker exited: whatever it sent last (its final status, if it sent one)."""
         conn = slot.conn
         try:
             while conn.poll():
-                slot.status = conn.recv()
+                slot.status = orjson.loads(conn.recv_bytes())
         except (EOFError, OSError):
-            asyncio.get_running_loop().remove_reader(conn.fileno())
+            pass
 
     def _on_exit(self, slot: WorkerSlot) -> None:
         loop = asyncio.get_running_loop()
         process = slot.process
         loop.remove_reader(process.sentinel)
         process.join()
-        self._read_status(slot)  # the final status, if it sent one
+        self._read_final_status(slot)
         loop.remove_reader(slot.conn.fileno())
         slot.conn.close()
         slot.exited.set()

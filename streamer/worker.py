@@ -4,9 +4,10 @@ the worker's own rate limit, and drain on SIGTERM.
 The per-message path is `Envelope.batch` (one clock read and one format per message); everything
 else here happens per batch or per pass.
 
-The parent receives a status dict over a pipe about once a second while the worker sends (after a
-send, a moment the worker is awake anyway), at least every STATUS_FALLBACK_S otherwise (its own
-timer, backing off to STATUS_IDLE_S while nothing changes), and once more at exit:
+The parent receives a status dict over a pipe about once a second while acknowledgments arrive
+(it goes with one: a moment the worker is awake anyway, and the counts are settled), at least
+every STATUS_FALLBACK_S otherwise (its own timer, backing off to STATUS_IDLE_S while nothing
+changes), and once more at exit:
 {"sent", "published", "unacked", "lost_by_broker", "skipped", "finished", "failed"} (see
 supervisor.WorkerSlot); `finished` (in the final status only) means the input was read once to
 its end (standard input, a FIFO) and the worker drained on its own: the parent does not restart it.
@@ -40,8 +41,8 @@ from .replay import ProfileRun, Replay, run_paced, run_profile, run_rate
 log = logging.getLogger("streamer.worker")
 
 PROGRESS_INTERVAL_S = 10.0  # "Worker i: Processed N records" at most this often
-STATUS_INTERVAL_S = 1.0  # the status the parent's /stats and summary show: at most this often after a send,
-STATUS_FALLBACK_S = 2.0  # and from a timer when no send brought one for this long (a slow or idle worker),
+STATUS_INTERVAL_S = 1.0  # the status the parent's /stats and summary show: at most this often with an acknowledgment,
+STATUS_FALLBACK_S = 2.0  # and from a timer when none brought one for this long (a slow or idle worker, a broker away),
 STATUS_IDLE_S = 10.0  # which backs off to this while the status stays the same
 REPORT_INTERVAL_S = 10.0  # an unchanged report goes to the broker again this often (e.g. after its restart)
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 30.0  # backoff while the file is missing or unusable
@@ -111,7 +112,7 @@ class Worker:
         self.destination.label = self.label  # its log lines name the worker
         self.name = f"worker-{index}@{socket.gethostname()}/{os.getpid()}"
         self._stop = asyncio.Event()
-        self._status_at = float("-inf")  # when the last status went (monotonic): the first send brings one
+        self._status_at = float("-inf")  # when the last status went (monotonic): the first acknowledgment brings one
         self._status_every = STATUS_FALLBACK_S
         self._status_timer: asyncio.TimerHandle | None = None
         self._last_status: dict | None = None
@@ -125,13 +126,16 @@ class Worker:
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked since the fork (streamer.forkserver): one pending is delivered now
         await self.destination.start()
+        self.destination.on_acknowledged = self._on_acknowledged
         log.info("%s started (pid %d, producer %s)", self.label, os.getpid(), self.destination.producer_id.hex())
         producing = asyncio.create_task(self._produce() if self.replay is None else self._produce_replay())
         stopping = asyncio.create_task(self._stop.wait())
         self._status_timer = loop.call_later(STATUS_FALLBACK_S, self._status_timer_fired)
         await asyncio.wait({producing, stopping}, return_when=asyncio.FIRST_COMPLETED)
 
-        # drain: stop reading, wait for what is sent to be acknowledged, report, close
+        # drain: stop reading, wait for what is sent to be acknowledged, report, close (the
+        # statuses along the way stop: the final one is the last)
+        self.destination.on_acknowledged = None
         if self._status_timer is not None:
             self._status_timer.cancel()
         tasks = (producing, stopping, *([self._reporting] if self._reporting is not None else []))
@@ -214,8 +218,6 @@ class Worker:
             await asyncio.sleep(0)  # sends that complete at once never yield: let acks and signals in
 
             now = time.monotonic()
-            if now - self._status_at >= STATUS_INTERVAL_S:
-                self._status(now)
             if source.completed_passes > logged_passes and (logged_passes == 0 or now - last_pass_log >= PROGRESS_INTERVAL_S):
                 log.info("%s: Reached end of CSV, restarting from beginning (pass %d)", self.label, source.completed_passes + 1)
                 last_pass_log, logged_passes = now, source.completed_passes
@@ -283,9 +285,6 @@ class Worker:
                 await self.destination.publish(body, len(rows))
             self.sent += len(rows)
             await asyncio.sleep(0)  # let acks and signals in
-            now = time.monotonic()
-            if now - self._status_at >= STATUS_INTERVAL_S:
-                self._status(now)
 
         while True:
             try:
@@ -323,11 +322,16 @@ class Worker:
         log.info("%s: done after %s (%d records); draining", self.label, what, self.sent)
         self.finished = True
 
+    def _on_acknowledged(self) -> None:
+        now = time.monotonic()
+        if now - self._status_at >= STATUS_INTERVAL_S:
+            self._status(now)
+
     def _status(self, now: float) -> None:
         """The status to the parent, and the report to the broker when the skipped rows changed
         (or every REPORT_INTERVAL_S: no wake-up of the broker for nothing new). Called when the
-        worker is awake anyway (after a send), or by the fallback timer, which it re-arms: a
-        worker that sends at least once a second never wakes for its status."""
+        worker is awake anyway (acknowledgments arrived), or by the fallback timer, which it
+        re-arms: a worker acknowledged at least once a second never wakes for its status."""
         if os.getppid() != self.parent_pid:  # orphaned where PDEATHSIG is unavailable
             self._stop.set()
         skipped = dict(self.source.skipped)  # the report goes a moment later: it says what the status says
@@ -370,7 +374,7 @@ class Worker:
             if self.profile_run is not None:
                 status["profile"] = self.profile_run.state(asyncio.get_running_loop().time())
         try:
-            self.status.send(status)
+            self.status.send_bytes(orjson.dumps(status))
         except OSError:  # parent gone
             self._stop.set()
         return status
