@@ -42,14 +42,19 @@ PROGRESS_REFRESH_S = 0.5
 CRASH_LOOP_RESTARTS, CRASH_LOOP_WINDOW_S = 5, 60.0  # more restarts than this within the window: give up
 
 
+_COUNTER = {key: i for i, key in enumerate(worker.COUNTERS)}
+
+
 @dataclass
 class WorkerSlot:
     """One worker index and the process currently filling it; counts survive restarts."""
 
     index: int
+    replay: bool = False  # its worker runs a replay (passes, read)
     process: multiprocessing.process.BaseProcess | None = None
     conn: object = None
-    status: dict = field(default_factory=dict)  # latest status from the current process
+    counters: object = None  # the current process's live counts (worker.COUNTERS), memory shared with it
+    status: dict = field(default_factory=dict)  # latest status from the current process (skipped, finished, failed, profile)
     before: Counter = field(default_factory=Counter)  # COUNTS of earlier processes of this slot
     skipped_before: Counter = field(default_factory=Counter)
     restarts: int = 0
@@ -65,20 +70,28 @@ class WorkerSlot:
     # unacknowledged (it may or may not have been stored), kept apart from a drain's `unacked`
     COUNTS = ("sent", "published", "unacked", "lost_by_broker", "unconfirmed", "read")
 
+    def live(self, key: str) -> int:
+        """The current process's count (0 before it counted anything, or once it has exited)."""
+        i = _COUNTER.get(key)
+        return self.counters[i] if i is not None and self.counters is not None else 0
+
     def total(self, key: str) -> int:
-        return self.before[key] + self.status.get(key, 0)
+        return self.before[key] + self.live(key)
 
     def retire(self, crashed: bool = False) -> None:
-        """The current process has exited: keep its counts, forget its status (the passes it
-        completed stay, so a restarted process continues from there)."""
+        """The current process has exited: keep its counts (as it last wrote them), forget its
+        status (the passes it completed stay, so a restarted process continues from there)."""
+        live = {key: self.live(key) for key in worker.COUNTERS}
         if crashed:
-            self.status["unconfirmed"] = self.status.get("unconfirmed", 0) + self.status.pop("unacked", 0)
-        self.passes = self.status.get("passes", self.passes)
-        self.rows_per_pass = self.status.get("rows_per_pass", self.rows_per_pass)
+            live["unconfirmed"] = live.pop("unacked")
+        self.passes = max(self.passes, live["passes"])
+        self.rows_per_pass = live["rows_per_pass"] or self.rows_per_pass
         for key in self.COUNTS:
-            self.before[key] += self.status.get(key, 0)
+            self.before[key] += live.get(key, 0)
         self.skipped_before.update(self.status.get("skipped", {}))
         self.status = {}
+        if self.counters is not None:
+            self.counters[:] = [0] * len(worker.COUNTERS)
 
     published = property(lambda self: self.total("published"))
     sent = property(lambda self: self.total("sent"))
@@ -110,8 +123,8 @@ class WorkerSlot:
         extra = {}
         if self.unconfirmed:
             extra["unconfirmed"] = self.unconfirmed
-        if "passes" in self.status or self.passes:
-            extra["passes"] = self.status.get("passes", self.passes)
+        if self.replay:
+            extra["passes"] = max(self.passes, self.live("passes"))
         if "profile" in self.status:
             extra["profile"] = self.status["profile"]
         return extra
@@ -121,7 +134,7 @@ class Supervisor:
     def __init__(self, cfg: StreamerConfig):
         self.cfg = cfg
         self.broker: Broker | None = None
-        self.slots = [WorkerSlot(i) for i in range(cfg.workers)]
+        self.slots = [WorkerSlot(i, replay=cfg.worker.replay.active) for i in range(cfg.workers)]
         self.should_exit = asyncio.Event()
         self.force_exit = asyncio.Event()
         self.reload_keys = asyncio.Event()  # SIGHUP, with the embedded broker's CURVE: reread its authorized keys
@@ -235,7 +248,9 @@ class Supervisor:
 
     def _spawn(self, slot: WorkerSlot) -> None:
         receiver, sender = self._mp.Pipe(duplex=False)
-        args = (self._worker_cfg, slot.index, sender, _InheritedFd(0) if "-" in self._worker_cfg.csv else None, slot.passes)
+        if slot.counters is None:  # one per slot: a restarted process counts from 0 in it again (retire)
+            slot.counters = self._mp.RawArray("q", len(worker.COUNTERS))
+        args = (self._worker_cfg, slot.index, sender, slot.counters, _InheritedFd(0) if "-" in self._worker_cfg.csv else None, slot.passes)
         # (stdin: the CSV comes from our standard input; passes: a restarted worker continues after them)
         process = self._mp.Process(target=worker.main, args=args, name=f"worker-{slot.index}", daemon=False)
         process.start()
@@ -355,7 +370,7 @@ class Supervisor:
         try:
             while True:
                 await asyncio.sleep(PROGRESS_REFRESH_S)
-                per_pass = [s.status.get("rows_per_pass", s.rows_per_pass) for s in self.slots]
+                per_pass = [s.live("rows_per_pass") or s.rows_per_pass for s in self.slots]
                 if passes and all(per_pass) and bar.total is None:
                     bar.total = sum(per_pass) * passes
                 bar.update(sum(s.sent for s in self.slots) - bar.n)
