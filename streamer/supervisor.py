@@ -454,7 +454,7 @@ def worker_context() -> multiprocessing.context.BaseContext:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["streamer.forkserver", "streamer.worker", "streamer.destinations.zeromq", "uvloop"])
+    context.set_forkserver_preload(["streamer.forkserver", "streamer.worker", "streamer.destinations.zeromq", "uvloop", "multiprocessing.sharedctypes"])
     return context
 
 
