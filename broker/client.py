@@ -251,7 +251,10 @@ class Publisher(_Client):
             self._resending = asyncio.ensure_future(self._resend_overdue())
 
     async def _resend_overdue(self) -> None:
-        await self._resend(f"no acknowledgment for {self._resend_interval:.1f} s")
+        try:
+            await self._resend(f"no acknowledgment for {self._resend_interval:.1f} s")
+        except Exception:  # (not a cancellation: close) the next check tries again
+            log.warning("Resending to %s failed", self.url, exc_info=True)
         # exponential backoff with jitter, so that many producers do not resend in step
         self._resend_interval = min(self._resend_interval * 2, MAX_RESEND_INTERVAL_S) * random.uniform(0.8, 1.2)
         if self._inflight:
