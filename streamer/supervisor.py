@@ -455,7 +455,23 @@ def worker_context() -> multiprocessing.context.BaseContext:
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["streamer.forkserver", "streamer.worker", "streamer.destinations.zeromq", "uvloop", "multiprocessing.sharedctypes"])
+    _without_resource_tracker()
     return context
+
+
+def _without_resource_tracker() -> None:
+    """The fork server start method also starts multiprocessing's resource tracker: one more
+    Python interpreter (8.4 MB PSS, as much as a worker) that unlinks the named semaphores and
+    shared memory segments a dead process leaves behind. The workers create neither (a pipe each,
+    and a RawArray, which lives in a file unlinked at once), so the tracker is not started: its
+    channel, which the fork server hands on to each worker, is /dev/null instead. Were the
+    streamer ever to use multiprocessing's locks, queues or SharedMemory, it would want the
+    tracker back. (A tracker already running, or a Python without this attribute, is left alone.)"""
+    from multiprocessing import resource_tracker
+
+    tracker = getattr(resource_tracker, "_resource_tracker", None)
+    if tracker is not None and getattr(tracker, "_fd", 0) is None and getattr(tracker, "_pid", 0) is None:
+        tracker._fd = os.open(os.devnull, os.O_WRONLY)
 
 
 def _signal(process, signum: int) -> None:

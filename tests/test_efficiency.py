@@ -8,7 +8,7 @@ import signal
 import time
 
 import pytest
-from helpers import dump, fake_broker, get_json, start_broker, start_streamer, summary, topic_stats, wait_until, workers_of
+from helpers import children_of, dump, fake_broker, get_json, start_broker, start_streamer, summary, topic_stats, wait_until, workers_of
 
 
 def _switches(pid: int) -> int:
@@ -162,3 +162,23 @@ def test_idle_workers_wake_neither_themselves_nor_the_supervisor(procs, sample_c
     assert topic_stats(http)["workers"]["0"]["sent"] == 0
     proc.signal(signal.SIGINT)
     assert proc.wait() == 0, proc.output
+
+
+def test_the_process_tree_is_the_streamer_its_fork_server_and_the_workers(procs, sample_csv):
+    """No resource tracker (an interpreter of its own, 8.4 MB PSS): nothing in the streamer
+    needs it, and its PSS counts against the idle target."""
+    proc, http = start_streamer(sample_csv, "--workers=2", "--rate=10")
+    procs.append(proc)
+    workers = wait_until(lambda: len(w := workers_of(proc.pid)) == 2 and w, message="2 workers")
+    children = children_of(proc.pid)
+    assert len(children) == 1, [_cmdline(c) for c in children]
+    assert "multiprocessing.forkserver" in _cmdline(children[0])
+    assert sorted(children_of(children[0])) == sorted(workers)
+    wait_until(lambda: topic_stats(http)["workers"]["1"]["published"] > 0, message="the workers publishing")
+    proc.signal(signal.SIGINT)
+    assert proc.wait() == 0, proc.output
+
+
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode()
