@@ -128,6 +128,7 @@ class Publisher(_Client):
         self.rejected = 0  # messages the broker refused as invalid (never resent)
         self.resends = 0  # batches sent again
         self.lost_by_broker = 0  # acknowledged messages the broker later no longer had
+        self.on_acknowledged = None  # called (no arguments) whenever acknowledgments arrive: a moment the owner is awake anyway
         self._topic = topic.encode()
         self._next_seq = 0
         self._inflight: deque[_Batch] = deque()
@@ -136,6 +137,10 @@ class Publisher(_Client):
         self._changed = asyncio.Event()  # set whenever acknowledgments free room
         self._tasks: list[asyncio.Task] = []
         self._resend_interval = ack_timeout
+        # the overdue check: a timer armed while anything is in flight, for when the oldest batch
+        # falls due (an idle publisher has no timer, a slow one no wake-up but its ack's)
+        self._overdue: asyncio.TimerHandle | None = None
+        self._resending: asyncio.Task | None = None
         self._last_gap: tuple[int, float] = (-1, 0.0)
 
     @property
@@ -144,7 +149,7 @@ class Publisher(_Client):
 
     async def start(self) -> None:
         self._connect(LINGER=0, SNDHWM=1000, RCVHWM=10_000)
-        self._tasks = [asyncio.create_task(self._receive_acks()), asyncio.create_task(self._resend_overdue())]
+        self._tasks = [asyncio.create_task(self._receive_acks())]
 
     # -- the hot path --------------------------------------------------------------------------
 
@@ -155,6 +160,8 @@ class Publisher(_Client):
             await self._changed.wait()
         batch = _Batch(self._next_seq, count, body, time.monotonic())
         self._next_seq += count
+        if not self._inflight and self._overdue is None:
+            self._check_overdue_in(self._resend_interval)
         self._inflight.append(batch)
         self._inflight_messages += count
         self._inflight_bytes += len(body)
@@ -192,8 +199,15 @@ class Publisher(_Client):
         if freed:
             self.published += freed
             self._inflight_messages -= freed
-            self._resend_interval = self.ack_timeout
+            backed_off, self._resend_interval = self._resend_interval != self.ack_timeout, self.ack_timeout
+            if not inflight and self._overdue is not None:  # nothing left to be overdue
+                self._overdue.cancel()
+                self._overdue = None
+            elif backed_off:  # acknowledged again after resends: the next check comes ack_timeout after the oldest send
+                self._check_overdue_in(0)
             self._changed.set()
+            if self.on_acknowledged is not None:
+                self.on_acknowledged()
 
     async def _refused(self, first_seq: int, count: int, expected: int, code: bytes, reason: str) -> None:
         if code == p.NACK_SEQUENCE:
@@ -218,13 +232,33 @@ class Publisher(_Client):
             self._changed.set()
         # NACK_UNAVAILABLE: the batch stays in flight and is resent when overdue.
 
+    def _check_overdue_in(self, delay: float) -> None:
+        """(Re)arm the overdue check `delay` seconds from now."""
+        if self._overdue is not None:
+            self._overdue.cancel()
+        self._overdue = asyncio.get_running_loop().call_later(delay, self._check_overdue)
+
+    def _check_overdue(self) -> None:
+        """The timer: resend if the oldest unacknowledged batch has waited `_resend_interval`,
+        else look again when it will have (it may have been resent, or acknowledged, meanwhile)."""
+        self._overdue = None
+        if not self._inflight or (self._resending is not None and not self._resending.done()):
+            return
+        due_in = self._inflight[0].sent_at + self._resend_interval - time.monotonic()
+        if due_in > 0:
+            self._check_overdue_in(due_in)
+        else:
+            self._resending = asyncio.ensure_future(self._resend_overdue())
+
     async def _resend_overdue(self) -> None:
-        while True:
-            await asyncio.sleep(min(0.5, self.ack_timeout / 2))
-            if self._inflight and time.monotonic() - self._inflight[0].sent_at >= self._resend_interval:
-                await self._resend(f"no acknowledgment for {self._resend_interval:.1f} s")
-                # exponential backoff with jitter, so that many producers do not resend in step
-                self._resend_interval = min(self._resend_interval * 2, MAX_RESEND_INTERVAL_S) * random.uniform(0.8, 1.2)
+        try:
+            await self._resend(f"no acknowledgment for {self._resend_interval:.1f} s")
+        except Exception:  # (not a cancellation: close) the next check tries again
+            log.warning("Resending to %s failed", self.url, exc_info=True)
+        # exponential backoff with jitter, so that many producers do not resend in step
+        self._resend_interval = min(self._resend_interval * 2, MAX_RESEND_INTERVAL_S) * random.uniform(0.8, 1.2)
+        if self._inflight:
+            self._check_overdue_in(self._resend_interval)
 
     async def _renew(self, expected: int, acknowledged_up_to: int) -> None:
         """The broker lost messages it had acknowledged: carry on as a new producer."""
@@ -275,9 +309,13 @@ class Publisher(_Client):
         return True
 
     async def close(self) -> None:
-        for task in self._tasks:
+        if self._overdue is not None:
+            self._overdue.cancel()
+            self._overdue = None
+        tasks = [*self._tasks, *([self._resending] if self._resending is not None else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self._disconnect()
 
 

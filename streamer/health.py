@@ -36,7 +36,7 @@ SUPERVISOR = web.AppKey("supervisor", object)
 
 
 class WorkerCollector:
-    """The workers' counters as the supervisor knows them (each worker reports once a second)."""
+    """The workers' counters as the supervisor knows them (live: the workers write them into memory shared with it)."""
 
     def __init__(self, supervisor):
         self.supervisor = supervisor
@@ -54,7 +54,7 @@ class WorkerCollector:
             label = [str(slot.index)]
             sent.add_metric(label, slot.sent)
             published.add_metric(label, slot.published)
-            unacked.add_metric(label, slot.status.get("unacked", 0))
+            unacked.add_metric(label, slot.live("unacked"))
             restarts.add_metric(label, slot.restarts)
             lost.add_metric(label, slot.lost_by_broker)
             for reason, count in slot.skipped.items():

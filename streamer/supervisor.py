@@ -22,6 +22,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
+import orjson
+
 from broker.server import Broker, BrokerStartError
 from common.httpauth import HttpSecurityError
 
@@ -40,14 +42,19 @@ PROGRESS_REFRESH_S = 0.5
 CRASH_LOOP_RESTARTS, CRASH_LOOP_WINDOW_S = 5, 60.0  # more restarts than this within the window: give up
 
 
+_COUNTER = {key: i for i, key in enumerate(worker.COUNTERS)}
+
+
 @dataclass
 class WorkerSlot:
     """One worker index and the process currently filling it; counts survive restarts."""
 
     index: int
+    replay: bool = False  # its worker runs a replay (passes, read)
     process: multiprocessing.process.BaseProcess | None = None
     conn: object = None
-    status: dict = field(default_factory=dict)  # latest status from the current process
+    counters: object = None  # the current process's live counts (worker.COUNTERS), memory shared with it
+    status: dict = field(default_factory=dict)  # latest status from the current process (skipped, finished, failed, profile)
     before: Counter = field(default_factory=Counter)  # COUNTS of earlier processes of this slot
     skipped_before: Counter = field(default_factory=Counter)
     restarts: int = 0
@@ -63,20 +70,28 @@ class WorkerSlot:
     # unacknowledged (it may or may not have been stored), kept apart from a drain's `unacked`
     COUNTS = ("sent", "published", "unacked", "lost_by_broker", "unconfirmed", "read")
 
+    def live(self, key: str) -> int:
+        """The current process's count (0 before it counted anything, or once it has exited)."""
+        i = _COUNTER.get(key)
+        return self.counters[i] if i is not None and self.counters is not None else 0
+
     def total(self, key: str) -> int:
-        return self.before[key] + self.status.get(key, 0)
+        return self.before[key] + self.live(key)
 
     def retire(self, crashed: bool = False) -> None:
-        """The current process has exited: keep its counts, forget its status (the passes it
-        completed stay, so a restarted process continues from there)."""
+        """The current process has exited: keep its counts (as it last wrote them), forget its
+        status (the passes it completed stay, so a restarted process continues from there)."""
+        live = {key: self.live(key) for key in worker.COUNTERS}
         if crashed:
-            self.status["unconfirmed"] = self.status.get("unconfirmed", 0) + self.status.pop("unacked", 0)
-        self.passes = self.status.get("passes", self.passes)
-        self.rows_per_pass = self.status.get("rows_per_pass", self.rows_per_pass)
+            live["unconfirmed"] = live.pop("unacked")
+        self.passes = max(self.passes, live["passes"])
+        self.rows_per_pass = live["rows_per_pass"] or self.rows_per_pass
         for key in self.COUNTS:
-            self.before[key] += self.status.get(key, 0)
+            self.before[key] += live.get(key, 0)
         self.skipped_before.update(self.status.get("skipped", {}))
         self.status = {}
+        if self.counters is not None:
+            self.counters[:] = [0] * len(worker.COUNTERS)
 
     published = property(lambda self: self.total("published"))
     sent = property(lambda self: self.total("sent"))
@@ -108,8 +123,8 @@ class WorkerSlot:
         extra = {}
         if self.unconfirmed:
             extra["unconfirmed"] = self.unconfirmed
-        if "passes" in self.status or self.passes:
-            extra["passes"] = self.status.get("passes", self.passes)
+        if self.replay:
+            extra["passes"] = max(self.passes, self.live("passes"))
         if "profile" in self.status:
             extra["profile"] = self.status["profile"]
         return extra
@@ -119,7 +134,7 @@ class Supervisor:
     def __init__(self, cfg: StreamerConfig):
         self.cfg = cfg
         self.broker: Broker | None = None
-        self.slots = [WorkerSlot(i) for i in range(cfg.workers)]
+        self.slots = [WorkerSlot(i, replay=cfg.worker.replay.active) for i in range(cfg.workers)]
         self.should_exit = asyncio.Event()
         self.force_exit = asyncio.Event()
         self.reload_keys = asyncio.Event()  # SIGHUP, with the embedded broker's CURVE: reread its authorized keys
@@ -233,7 +248,9 @@ class Supervisor:
 
     def _spawn(self, slot: WorkerSlot) -> None:
         receiver, sender = self._mp.Pipe(duplex=False)
-        args = (self._worker_cfg, slot.index, sender, _InheritedFd(0) if "-" in self._worker_cfg.csv else None, slot.passes)
+        if slot.counters is None:  # one per slot: a restarted process counts from 0 in it again (retire)
+            slot.counters = self._mp.RawArray("q", len(worker.COUNTERS))
+        args = (self._worker_cfg, slot.index, sender, slot.counters, _InheritedFd(0) if "-" in self._worker_cfg.csv else None, slot.passes)
         # (stdin: the CSV comes from our standard input; passes: a restarted worker continues after them)
         process = self._mp.Process(target=worker.main, args=args, name=f"worker-{slot.index}", daemon=False)
         process.start()
@@ -245,19 +262,28 @@ class Supervisor:
         loop.add_reader(process.sentinel, self._on_exit, slot)
 
     def _read_status(self, slot: WorkerSlot) -> None:
+        """The pipe is readable: one status (written at once, it is there whole; another one
+        waiting calls this again), or the end (the worker exited)."""
+        try:
+            slot.status = orjson.loads(slot.conn.recv_bytes())
+        except (EOFError, OSError):
+            asyncio.get_running_loop().remove_reader(slot.conn.fileno())
+
+    def _read_final_status(self, slot: WorkerSlot) -> None:
+        """After the worker exited: whatever it sent last (its final status, if it sent one)."""
         conn = slot.conn
         try:
             while conn.poll():
-                slot.status = conn.recv()
+                slot.status = orjson.loads(conn.recv_bytes())
         except (EOFError, OSError):
-            asyncio.get_running_loop().remove_reader(conn.fileno())
+            pass
 
     def _on_exit(self, slot: WorkerSlot) -> None:
         loop = asyncio.get_running_loop()
         process = slot.process
         loop.remove_reader(process.sentinel)
         process.join()
-        self._read_status(slot)  # the final status, if it sent one
+        self._read_final_status(slot)
         loop.remove_reader(slot.conn.fileno())
         slot.conn.close()
         slot.exited.set()
@@ -344,7 +370,7 @@ class Supervisor:
         try:
             while True:
                 await asyncio.sleep(PROGRESS_REFRESH_S)
-                per_pass = [s.status.get("rows_per_pass", s.rows_per_pass) for s in self.slots]
+                per_pass = [s.live("rows_per_pass") or s.rows_per_pass for s in self.slots]
                 if passes and all(per_pass) and bar.total is None:
                     bar.total = sum(per_pass) * passes
                 bar.update(sum(s.sent for s in self.slots) - bar.n)
@@ -428,8 +454,24 @@ def worker_context() -> multiprocessing.context.BaseContext:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["streamer.forkserver", "streamer.worker", "streamer.destinations.zeromq", "uvloop"])
+    context.set_forkserver_preload(["streamer.forkserver", "streamer.worker", "streamer.destinations.zeromq", "uvloop", "multiprocessing.sharedctypes"])
+    _without_resource_tracker()
     return context
+
+
+def _without_resource_tracker() -> None:
+    """The fork server start method also starts multiprocessing's resource tracker: one more
+    Python interpreter (8.4 MB PSS, as much as a worker) that unlinks the named semaphores and
+    shared memory segments a dead process leaves behind. The workers create neither (a pipe each,
+    and a RawArray, which lives in a file unlinked at once), so the tracker is not started: its
+    channel, which the fork server hands on to each worker, is /dev/null instead. Were the
+    streamer ever to use multiprocessing's locks, queues or SharedMemory, it would want the
+    tracker back. (A tracker already running, or a Python without this attribute, is left alone.)"""
+    from multiprocessing import resource_tracker
+
+    tracker = getattr(resource_tracker, "_resource_tracker", None)
+    if tracker is not None and getattr(tracker, "_fd", 0) is None and getattr(tracker, "_pid", 0) is None:
+        tracker._fd = os.open(os.devnull, os.O_WRONLY)
 
 
 def _signal(process, signum: int) -> None:

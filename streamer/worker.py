@@ -4,10 +4,14 @@ the worker's own rate limit, and drain on SIGTERM.
 The per-message path is `Envelope.batch` (one clock read and one format per message); everything
 else here happens per batch or per pass.
 
-The parent receives a status dict over a pipe about once a second and once more at exit:
-{"sent", "published", "unacked", "lost_by_broker", "skipped", "finished", "failed"} (see
-supervisor.WorkerSlot); `finished` (in the final status only) means the input was read once to
-its end (standard input, a FIFO) and the worker drained on its own: the parent does not restart it.
+The parent reads the worker's counts (COUNTERS) from memory they share, written where they change
+(after a send, when acknowledgments arrive): always current, and no message or wake-up for them.
+The rest goes over a pipe as a status dict, {"skipped", "failed", "finished"} (and "profile" with
+--profile), when it changed: looked at about once a second while acknowledgments arrive (a moment
+the worker is awake anyway), from a timer of its own otherwise (STATUS_FALLBACK_S, backing off to
+STATUS_IDLE_S while nothing changes), and once more at exit (see supervisor.WorkerSlot).
+`finished` (in the final status only) means the input was read once to its end (standard input,
+a FIFO) or the replay is done, and the worker drained on its own: the parent does not restart it.
 """
 
 from __future__ import annotations
@@ -38,7 +42,12 @@ from .replay import ProfileRun, Replay, run_paced, run_profile, run_rate
 log = logging.getLogger("streamer.worker")
 
 PROGRESS_INTERVAL_S = 10.0  # "Worker i: Processed N records" at most this often
-STATUS_INTERVAL_S = 1.0  # the status the parent's /stats and summary show
+STATUS_INTERVAL_S = 1.0  # the status (skipped rows, ...) is looked at at most this often with an acknowledgment,
+STATUS_FALLBACK_S = 2.0  # and from a timer when none brought a look for this long (a slow or idle worker, a broker away),
+STATUS_IDLE_S = 10.0  # which backs off to this while nothing changes
+# the live counts in the memory shared with the parent (int64s, in this order); `passes` is the
+# replay's passes done in all (earlier processes of the slot included), the rest this process's
+COUNTERS = ("sent", "published", "unacked", "lost_by_broker", "read", "passes", "rows_per_pass")
 REPORT_INTERVAL_S = 10.0  # an unchanged report goes to the broker again this often (e.g. after its restart)
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 30.0  # backoff while the file is missing or unusable
 _PR_SET_PDEATHSIG = 1
@@ -72,9 +81,10 @@ def schedule_as_batch_work() -> bool:
     return True
 
 
-def main(cfg: WorkerConfig, index: int, status: Connection, stdin_fd: int | None = None, start_pass: int = 0) -> None:
-    """Entry point of a worker process (started by the supervisor); stdin_fd is the parent's
-    standard input when the CSV is read from it (multiprocessing gives a child /dev/null)."""
+def main(cfg: WorkerConfig, index: int, status: Connection, counters, stdin_fd: int | None = None, start_pass: int = 0) -> None:
+    """Entry point of a worker process (started by the supervisor); `counters` is the memory
+    shared with it (COUNTERS); stdin_fd is the parent's standard input when the CSV is read from
+    it (multiprocessing gives a child /dev/null)."""
     parent_pid = die_with_parent()
     if cfg.replay.pace != "timestamps":  # a paced worker wants its timers on time, not batch scheduling
         schedule_as_batch_work()
@@ -83,18 +93,19 @@ def main(cfg: WorkerConfig, index: int, status: Connection, stdin_fd: int | None
     try:
         import uvloop
 
-        uvloop.run(Worker(cfg, index, status, parent_pid, stdin_fd, start_pass).run())
+        uvloop.run(Worker(cfg, index, status, counters, parent_pid, stdin_fd, start_pass).run())
     except Exception:
         log.exception("Worker %d: crashed", index)
         sys.exit(1)
 
 
 class Worker:
-    def __init__(self, cfg: WorkerConfig, index: int, status: Connection, parent_pid: int, stdin_fd: int | None = None, start_pass: int = 0):
+    def __init__(self, cfg: WorkerConfig, index: int, status: Connection, counters, parent_pid: int, stdin_fd: int | None = None, start_pass: int = 0):
         self.cfg = cfg
         self.index = index
         self.label = f"Worker {index}"
         self.status = status
+        self.counters = counters
         self.parent_pid = parent_pid
         self.sent = 0
         self.source = CsvSource(cfg.csv, cfg.column_types, fmt=cfg.csv_format, max_message_bytes=cfg.max_message_bytes, label=self.label, stdin_fd=stdin_fd)
@@ -107,6 +118,13 @@ class Worker:
         self.destination.label = self.label  # its log lines name the worker
         self.name = f"worker-{index}@{socket.gethostname()}/{os.getpid()}"
         self._stop = asyncio.Event()
+        self._status_at = float("-inf")  # when the status was last looked at (monotonic): the first acknowledgment looks
+        self._status_every = STATUS_FALLBACK_S
+        self._status_timer: asyncio.TimerHandle | None = None
+        self._last_status: dict | None = None
+        self._reported: dict | None = None  # the skipped rows the broker last heard, and when
+        self._reported_at = 0.0
+        self._reporting: asyncio.Task | None = None
 
     async def run(self) -> None:
         """Start, produce until told to stop, then drain: flush what is sent, report, exit."""
@@ -114,20 +132,28 @@ class Worker:
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked since the fork (streamer.forkserver): one pending is delivered now
         await self.destination.start()
+        self.destination.on_acknowledged = self._on_acknowledged
+        self._count()
         log.info("%s started (pid %d, producer %s)", self.label, os.getpid(), self.destination.producer_id.hex())
         producing = asyncio.create_task(self._produce() if self.replay is None else self._produce_replay())
-        reporting = asyncio.create_task(self._report_periodically())
         stopping = asyncio.create_task(self._stop.wait())
+        self._status_timer = loop.call_later(STATUS_FALLBACK_S, self._status_timer_fired)
         await asyncio.wait({producing, stopping}, return_when=asyncio.FIRST_COMPLETED)
 
-        # drain: stop reading, wait for what is sent to be acknowledged, report, close
-        for task in (producing, reporting, stopping):
+        # drain: stop reading, wait for what is sent to be acknowledged, report, close (the
+        # statuses along the way stop: the final one is the last)
+        self.destination.on_acknowledged = None
+        if self._status_timer is not None:
+            self._status_timer.cancel()
+        tasks = (producing, stopping, *([self._reporting] if self._reporting is not None else []))
+        for task in tasks:
             task.cancel()
-        results = await asyncio.gather(producing, reporting, stopping, return_exceptions=True)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
         await self._report_to_broker()  # ahead of the flush, so it arrives before the last ACK
         flushed = await self.destination.flush(self.cfg.shutdown_timeout)
         if not flushed:
             log.warning("%s: shutdown timeout (%.1f s): %d messages unacknowledged", self.label, self.cfg.shutdown_timeout, self.destination.unacked)
+        self._count()
         self._send_status(final=True)
         await self.destination.close()
         log.info("%s stopped: published=%d unacknowledged=%d", self.label, self.destination.published, self.destination.unacked)
@@ -197,6 +223,7 @@ class Worker:
                     chunk = min(base_chunk, chunk * 2)
                 await destination.publish(body, len(batch))
             self.sent += len(batch)
+            self._count()
             await asyncio.sleep(0)  # sends that complete at once never yield: let acks and signals in
 
             now = time.monotonic()
@@ -266,6 +293,7 @@ class Worker:
             else:
                 await self.destination.publish(body, len(rows))
             self.sent += len(rows)
+            self._count()
             await asyncio.sleep(0)  # let acks and signals in
 
         while True:
@@ -304,44 +332,69 @@ class Worker:
         log.info("%s: done after %s (%d records); draining", self.label, what, self.sent)
         self.finished = True
 
-    async def _report_periodically(self) -> None:
-        reported, reported_at = None, 0.0
-        while True:
-            await asyncio.sleep(STATUS_INTERVAL_S)
-            if os.getppid() != self.parent_pid:  # orphaned where PDEATHSIG is unavailable
-                self._stop.set()
-            now = time.monotonic()
-            if self.source.skipped != reported or now - reported_at >= REPORT_INTERVAL_S:  # no wake-up of the broker for nothing new
-                reported, reported_at = self.source.skipped.copy(), now
-                await self._report_to_broker()
-            self._send_status()
+    def _count(self) -> None:
+        """The live counts, into the memory the parent reads (a few stores: no message, no wake-up)."""
+        counters, destination = self.counters, self.destination
+        counters[0] = self.sent
+        counters[1] = destination.published
+        counters[2] = destination.unacked
+        counters[3] = destination.lost_by_broker
+        if self.replay is not None:
+            counters[4] = self.replay.read
+            counters[5] = self.replay.passes_done
+            counters[6] = self.replay.recording.mine if self.replay.recording is not None else 0
 
-    async def _report_to_broker(self) -> None:
-        """The worker's name and skipped rows go to the broker's stats (`producers`, `skipped`)."""
+    def _on_acknowledged(self) -> None:
+        self._count()
+        now = time.monotonic()
+        if now - self._status_at >= STATUS_INTERVAL_S:
+            self._status(now)
+
+    def _status(self, now: float) -> None:
+        """The status to the parent if it changed, and the report to the broker when the skipped
+        rows changed (or every REPORT_INTERVAL_S: no wake-up of the broker for nothing new).
+        Called when the worker is awake anyway (acknowledgments arrived), or by the fallback
+        timer, which it re-arms: a worker acknowledged at least once a second never wakes for it."""
+        if os.getppid() != self.parent_pid:  # orphaned where PDEATHSIG is unavailable
+            self._stop.set()
+        self._count()  # (a refused batch leaves unacknowledged without an acknowledgment)
+        skipped = dict(self.source.skipped)  # the report goes a moment later: it says what the status says
+        if (self._reporting is None or self._reporting.done()) and (skipped != self._reported or now - self._reported_at >= REPORT_INTERVAL_S):
+            self._reported, self._reported_at = skipped, now
+            self._reporting = asyncio.ensure_future(self._report_to_broker(skipped))
+        status = self._status_now()
+        unchanged = status == self._last_status
+        if not unchanged:
+            self._send(status)
+        self._status_every = min(self._status_every * 2, STATUS_IDLE_S) if unchanged else STATUS_FALLBACK_S
+        self._status_at, self._last_status = now, status
+        if self._status_timer is not None:
+            self._status_timer.cancel()
+        self._status_timer = asyncio.get_running_loop().call_later(self._status_every, self._status_timer_fired)
+
+    def _status_timer_fired(self) -> None:
+        self._status_timer = None
+        self._status(time.monotonic())
+
+    async def _report_to_broker(self, skipped: dict | None = None) -> None:
+        """The worker's name and skipped rows (by default, as they are now) go to the broker's stats (`producers`, `skipped`)."""
         try:
-            await self.destination.report({"name": self.name, "skipped": dict(self.source.skipped)})
+            await self.destination.report({"name": self.name, "skipped": dict(self.source.skipped) if skipped is None else skipped})
         except Exception:  # the report is informative; never let it stop a drain
             log.debug("%s: report to broker failed", self.label, exc_info=True)
 
+    def _status_now(self, final: bool = False) -> dict:
+        status = {"skipped": dict(self.source.skipped), "finished": self.finished and final, "failed": self.failed}
+        if self.profile_run is not None:
+            status["profile"] = self.profile_run.state(asyncio.get_running_loop().time())
+        return status
+
     def _send_status(self, final: bool = False) -> None:
-        status = {
-            "sent": self.sent,
-            "published": self.destination.published,
-            "unacked": self.destination.unacked,
-            "lost_by_broker": self.destination.lost_by_broker,
-            "skipped": dict(self.source.skipped),
-            "finished": self.finished and final,
-            "failed": self.failed,
-        }
-        if self.replay is not None:
-            status["read"] = self.replay.read
-            status["passes"] = self.replay.passes_done
-            if self.replay.recording is not None:
-                status["rows_per_pass"] = self.replay.recording.mine
-            if self.profile_run is not None:
-                status["profile"] = self.profile_run.state(asyncio.get_running_loop().time())
+        self._send(self._status_now(final))
+
+    def _send(self, status: dict) -> None:
         try:
-            self.status.send(status)
+            self.status.send_bytes(orjson.dumps(status))
         except OSError:  # parent gone
             self._stop.set()
 

@@ -6,6 +6,7 @@ The worker's loop only ever talks to a `Destination`:
     await dest.publish(body, count)         `count` newline-joined messages; waits while the window
                                             of unacknowledged messages is full (backpressure)
     dest.published / unacked / lost_by_broker     counters, read any time
+    dest.on_acknowledged = callback         called (no arguments) whenever acknowledgments arrive
     await dest.report(counters)             the worker's own counters (name, skipped rows), if the
                                             destination keeps them anywhere
     await dest.flush(timeout) -> bool       wait until everything published is acknowledged
@@ -31,6 +32,7 @@ class Destination(Protocol):
     producer_id: bytes
     published: int
     lost_by_broker: int
+    on_acknowledged: object  # None, or a callable of no arguments
 
     @property
     def unacked(self) -> int: ...

@@ -332,6 +332,7 @@ class NatsDestination:
     def __init__(self, cfg):
         self.cfg = cfg
         self.label = "NATS publisher"  # the worker names it after itself
+        self.on_acknowledged = None  # called (no arguments) whenever PubAcks arrive (streamer.destinations)
         self.window = cfg.buffer_messages
         self.window_bytes = DEFAULT_WINDOW_BYTES
         self.producer_id = os.urandom(PRODUCER_ID_BYTES)
@@ -473,6 +474,8 @@ class NatsDestination:
         if new:
             self.published += new
             self._settled(new)
+            if self.on_acknowledged is not None:
+                self.on_acknowledged()
 
     def _settled(self, new: int) -> None:
         self._outstanding -= new

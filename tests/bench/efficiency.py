@@ -2,10 +2,12 @@
 
     python3 tests/bench/efficiency.py                 # about 2.5 minutes
     python3 tests/bench/efficiency.py --idle-window=10 --skip-memory   # a smoke run
+    python3 tests/bench/efficiency.py --threads --idle-window=40 --skip-many --skip-memory   # where the idle CPU goes
 
   idle     `telemetry-streamer --csv=data/gpu_metrics.csv --workers=5 --rate=10 --persistence`:
            CPU of the whole process tree as % of one core over --idle-window seconds (target
-           <= 1% over 60 s), and the tree's PSS (target <= 100 MB);
+           <= 1% over 60 s), and the tree's PSS (target <= 100 MB); with --threads also each
+           thread's CPU (schedstat, nanoseconds) and wake-ups (voluntary context switches) a second;
   many     64 workers at 10 msg/s: seconds from start until the broker has heard from every
            worker (target <= 3 s), and the tree's PSS (target <= 1 GB);
   memory   the standalone broker's RSS with 1, 10 and 100 topics, and as one topic retains
@@ -78,6 +80,25 @@ def memory_mb(pids: list[int], field: str = "Pss") -> float:
     return total / 1024
 
 
+def thread_counts(pids: list[int]) -> dict[tuple[int, int], tuple[str, int, int]]:
+    """(pid, tid) -> (thread name, nanoseconds on a CPU, voluntary context switches)."""
+    counts = {}
+    for pid in pids:
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                base = f"/proc/{pid}/task/{tid}"
+                with open(f"{base}/comm") as f:
+                    name = f.read().strip()
+                with open(f"{base}/schedstat") as f:
+                    on_cpu = int(f.read().split()[0])
+                with open(f"{base}/status") as f:
+                    switches = next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches:"))
+                counts[(pid, int(tid))] = (name, on_cpu, switches)
+        except OSError:
+            pass
+    return counts
+
+
 def _streamer(*args: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamer", f"--csv={SAMPLE}", "--broker-port=0", "--http-port=0", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True
@@ -100,11 +121,16 @@ def idle(window: float) -> dict:
         try:
             time.sleep(5)  # past start-up
             pids = tree(proc.pid)
-            before, started = cpu_seconds(pids), time.monotonic()
+            before, threads_before, started = cpu_seconds(pids), thread_counts(pids), time.monotonic()
             time.sleep(window)
             pids = tree(proc.pid)
-            used, elapsed = cpu_seconds(pids) - before, time.monotonic() - started
-            return {"cpu_pct": 100 * used / elapsed, "pss_mb": memory_mb(pids), "processes": len(pids), "window_s": elapsed}
+            used, threads_after, elapsed = cpu_seconds(pids) - before, thread_counts(pids), time.monotonic() - started
+            threads = [
+                (pid, tid, name, 100 * (on_cpu - threads_before[(pid, tid)][1]) / 1e9 / elapsed, (switches - threads_before[(pid, tid)][2]) / elapsed)
+                for (pid, tid), (name, on_cpu, switches) in sorted(threads_after.items())
+                if (pid, tid) in threads_before
+            ]
+            return {"cpu_pct": 100 * used / elapsed, "pss_mb": memory_mb(pids), "processes": len(pids), "window_s": elapsed, "threads": threads}
         finally:
             _stop(proc)
 
@@ -182,17 +208,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--idle-window", type=float, default=60.0)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-many", action="store_true")
+    parser.add_argument("--threads", action="store_true", help="also each thread's CPU and wake-ups in the idle run")
     args = parser.parse_args()
     result = idle(args.idle_window)
     print(
         f"idle: 5 workers x 10 msg/s, persistence: {result['cpu_pct']:.2f}% of one core over {result['window_s']:.0f} s, "
         f"{result['pss_mb']:.0f} MB PSS in {result['processes']} processes"
     )
-    result = many()
-    print(
-        f"many: {result['workers']} workers all publishing {result['all_publishing_s']:.1f} s after start, "
-        f"{result['pss_mb']:.0f} MB PSS in {result['processes']} processes"
-    )
+    if args.threads:
+        for pid, tid, name, cpu_pct, wakeups in result["threads"]:
+            if cpu_pct or wakeups:
+                print(f"  pid {pid:>7} thread {tid:>7} {name:<16} {cpu_pct:5.2f}% of a core {wakeups:6.1f} wake-ups/s")
+        print(f"  all threads: {sum(t[3] for t in result['threads']):.2f}% of a core, {sum(t[4] for t in result['threads']):.1f} wake-ups/s")
+    if not args.skip_many:
+        result = many()
+        print(
+            f"many: {result['workers']} workers all publishing {result['all_publishing_s']:.1f} s after start, "
+            f"{result['pss_mb']:.0f} MB PSS in {result['processes']} processes"
+        )
     if not args.skip_memory:
         for what, mb in broker_memory().items():
             print(f"broker RSS: {what}: {mb:.0f} MB")
