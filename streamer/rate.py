@@ -13,8 +13,9 @@ consulted per batch, not per message:
 The bucket holds `capacity` tokens (at least a chunk, about 200 ms worth): a worker that falls
 briefly behind (a slow send, a pause) catches up instead of losing those tokens, so the
 long-run rate is exact. The bucket starts nearly full, so the first chunk goes at once and
-there is no start-up burst beyond it; a lingering bucket starts with one message's token, so
-its first chunk goes when the chunk's last message falls due.
+there is no start-up burst beyond it; a lingering bucket starts with one message's token, and
+a worker's first chunk there is that one message (`first_chunk`), sent at once: a slow stream
+shows that it works at start, not a linger later. Chunks then grow to `chunk`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class RateLimit:
         self.lingering = rate * CHUNK_S < 1 and int(rate * linger) > 1
         if self.lingering:
             self.chunk = min(max_chunk, int(rate * linger))
+        self.first_chunk = 1 if self.lingering else self.chunk
         self.capacity = max(float(self.chunk), rate * CATCH_UP_S)
         self._bucket = AsyncLimiter(self.capacity, self.capacity / rate)
         self._primed = False

@@ -164,7 +164,8 @@ class Worker:
         cfg, source, destination = self.cfg, self.source, self.destination
         limit = RateLimit(cfg.rate, cfg.batch_messages, cfg.linger) if cfg.rate > 0 else None
         lingering = limit is not None and limit.lingering
-        chunk = base_chunk = limit.chunk if limit else cfg.batch_messages
+        base_chunk = limit.chunk if limit else cfg.batch_messages
+        chunk = limit.first_chunk if limit else base_chunk  # then doubles up to base_chunk
         # a batch body stays within the message cap (so the broker's size check never has to
         # split it) and well inside the frame cap; large rows shrink the batches that follow
         self._batch_bytes = batch_bytes(cfg.max_message_bytes)
@@ -219,7 +220,7 @@ class Worker:
                 chunk = max(1, len(batch) * self._batch_bytes * 9 // (len(body) * 10))
                 await self._publish_split(batch, envelope)
             else:
-                if chunk < base_chunk and len(body) * 2 < self._batch_bytes:  # rows got smaller again
+                if chunk < base_chunk and len(body) * 2 < self._batch_bytes:  # the first chunk, or rows got smaller again
                     chunk = min(base_chunk, chunk * 2)
                 await destination.publish(body, len(batch))
             self.sent += len(batch)

@@ -59,6 +59,25 @@ def test_lingering_messages_keep_evenly_spaced_timestamps(procs, sample_csv, tmp
     assert gaps == {50_000_000}, sorted(gaps)[:5]  # exactly 1/20 s apart, across chunks too
 
 
+def test_a_slow_streams_first_message_goes_at_once_not_a_linger_later(procs, sample_csv, tmp_path):
+    """At 1 message/s with --linger=10 a chunk is 10 messages: the first chunk used to go when its
+    last message fell due, 9 s after the first was stamped. The first message now goes alone and
+    at once (the broker receives it within moments of its timestamp), and the chunks after it
+    keep the schedule: timestamps exactly 1 s apart from the first."""
+    proc, http = start_streamer(sample_csv, "--workers=1", "--rate=1", "--linger=10", "--persistence", f"--persistence-dir={tmp_path}")
+    procs.append(proc)
+    wait_until(lambda: get_json(f"{http}/stats/telemetry")[1]["messages"] >= 1, timeout=30, message="the first message")
+    proc.signal(signal.SIGINT)
+    assert proc.wait() == 0, proc.output
+    records = dump(tmp_path, "--meta")
+    assert len(records) == summary(proc.output)["published"] >= 1
+    first = records[0]
+    waited_s = (_ns(first["received"]) - _ns(first["message"]["timestamp"])) / 1e9
+    assert waited_s < 5, waited_s  # 9 s before
+    stamps = [_ns(r["message"]["timestamp"]) for r in records]
+    assert {b - a for a, b in zip(stamps, stamps[1:])} <= {1_000_000_000}
+
+
 def test_an_idle_broker_sleeps(procs, tmp_path):
     """With persistence (--fsync=interval) and a consumer group, an idle broker wakes about once a
     second (its rate sampler, its fsync interval), not every 0.1 or 0.2 s to poll for work."""
