@@ -152,7 +152,9 @@ def many(workers: int = 64) -> dict:
 
 
 def _broker(*args: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "broker", "serve", "--port=0", "--http-port=0", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    # --max-topics: 100 topics reach the default limit, which these figures ground
+    cmd = [sys.executable, "-m", "broker", "serve", "--port=0", "--http-port=0", "--max-topics=1000", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
         if match := re.search(r"ZeroMQ (\S+), HTTP", line):
             return proc, match.group(1).rstrip(",")
