@@ -24,10 +24,13 @@ from __future__ import annotations
 import functools
 import os
 import re
-import ssl
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    import ssl
 
 from .options import stack
 
@@ -81,6 +84,8 @@ class NatsConnection:
 
     def ssl_context(self) -> ssl.SSLContext:
         """Verifies the servers (against `tls_ca`, else the system's CAs); presents the client certificate if given."""
+        import ssl  # here, not at the top: only TLS users need OpenSSL loaded
+
         context = ssl.create_default_context(cafile=self.tls_ca)
         if self.tls_cert:
             context.load_cert_chain(self.tls_cert, self.tls_key)
@@ -129,6 +134,8 @@ class TlsNotOffered(ConnectionError):
 def failure(exc: BaseException) -> str | None:
     """One line for a refusal that waiting will not cure (TLS, credentials); None for anything else
     (a server not up yet, a timeout)."""
+    import ssl
+
     if isinstance(exc, TlsNotOffered):
         return str(exc)
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -180,6 +187,8 @@ def connection_from_options(url: str, nats_creds, nats_nkey, nats_tls_ca, nats_t
 
 
 def _check_tls(ca: str | None, cert: str | None, key: str | None) -> None:
+    import ssl
+
     try:
         context = ssl.create_default_context(cafile=ca)
     except (ssl.SSLError, OSError, ValueError) as exc:

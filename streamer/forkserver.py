@@ -10,10 +10,17 @@ Blocked, not ignored: a worker is forked with the fork server's signal mask, so 
 reaches a new worker before it has set up its handler stays pending instead of being lost (the
 supervisor may begin a drain a moment after starting a worker), and is delivered the moment the
 worker unblocks it (worker.Worker.run).
+
+The fork server also runs without the cyclic garbage collector, as Python's gc documentation
+advises for fork without exec: no collection leaves freed holes in the pages its imports fill,
+and each worker, first thing, freezes what it inherited and turns the collector back on
+(worker.main), so its collections never write to those pages and they stay shared (the tree of
+`--workers=5 --rate=10 --persistence` measured 104 -> 99 MB PSS).
 """
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 
@@ -24,3 +31,4 @@ def _in_the_fork_server() -> bool:
 
 if _in_the_fork_server():
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    gc.disable()

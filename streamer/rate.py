@@ -15,7 +15,7 @@ briefly behind (a slow send, a pause) catches up instead of losing those tokens,
 long-run rate is exact. The bucket starts nearly full, so the first chunk goes at once and
 there is no start-up burst beyond it; a lingering bucket starts with one message's token, and
 a worker's first chunk there is that one message (`first_chunk`), sent at once: a slow stream
-shows that it works at start, not a linger later. Chunks then grow to `chunk`.
+shows that it works at start, not a linger later. Whole chunks follow.
 """
 
 from __future__ import annotations

@@ -250,7 +250,7 @@ class Supervisor:
         receiver, sender = self._mp.Pipe(duplex=False)
         if slot.counters is None:  # one per slot: a restarted process counts from 0 in it again (retire)
             slot.counters = self._mp.RawArray("q", len(worker.COUNTERS))
-        args = (self._worker_cfg, slot.index, sender, slot.counters, _InheritedFd(0) if "-" in self._worker_cfg.csv else None, slot.passes)
+        args = (self._worker_cfg, slot.index, sender, slot.counters, _InheritedFd(0) if "-" in self._worker_cfg.csv else None, slot.passes, os.getpid())
         # (stdin: the CSV comes from our standard input; passes: a restarted worker continues after them)
         process = self._mp.Process(target=worker.main, args=args, name=f"worker-{slot.index}", daemon=False)
         process.start()

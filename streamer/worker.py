@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -81,11 +82,34 @@ def schedule_as_batch_work() -> bool:
     return True
 
 
-def main(cfg: WorkerConfig, index: int, status: Connection, counters, stdin_fd: int | None = None, start_pass: int = 0) -> None:
+def watch_supervisor(pid: int) -> int | None:
+    """A descriptor that becomes readable when the streamer (the supervisor, `pid`) exits.
+
+    A worker's parent is the fork server, and the fork server outlives the streamer for as long
+    as any worker lives (multiprocessing hands its lifeline on to every child it forks), so after
+    a SIGKILL of the streamer the parent-death signal would never fire: workers and fork server
+    stayed behind for good. None where pidfds are unavailable (spawned workers' parent is the
+    streamer itself: die_with_parent and the parent check cover them)."""
+    if not pid or not hasattr(os, "pidfd_open"):
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:  # gone already
+        os._exit(1)
+    except OSError:
+        return None
+
+
+def main(cfg: WorkerConfig, index: int, status: Connection, counters, stdin_fd: int | None = None, start_pass: int = 0, supervisor_pid: int = 0) -> None:
     """Entry point of a worker process (started by the supervisor); `counters` is the memory
     shared with it (COUNTERS); stdin_fd is the parent's standard input when the CSV is read from
     it (multiprocessing gives a child /dev/null)."""
+    # What the fork server imported stays shared: its objects leave the collector's generations, so
+    # a collection here never writes to (and so copies) their pages (see streamer.forkserver)
+    gc.freeze()
+    gc.enable()
     parent_pid = die_with_parent()
+    supervisor = watch_supervisor(supervisor_pid)
     if cfg.replay.pace != "timestamps":  # a paced worker wants its timers on time, not batch scheduling
         schedule_as_batch_work()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole group; the parent decides
@@ -93,20 +117,31 @@ def main(cfg: WorkerConfig, index: int, status: Connection, counters, stdin_fd: 
     try:
         import uvloop
 
-        uvloop.run(Worker(cfg, index, status, counters, parent_pid, stdin_fd, start_pass).run())
+        uvloop.run(Worker(cfg, index, status, counters, parent_pid, stdin_fd, start_pass, supervisor).run())
     except Exception:
         log.exception("Worker %d: crashed", index)
         sys.exit(1)
 
 
 class Worker:
-    def __init__(self, cfg: WorkerConfig, index: int, status: Connection, counters, parent_pid: int, stdin_fd: int | None = None, start_pass: int = 0):
+    def __init__(
+        self,
+        cfg: WorkerConfig,
+        index: int,
+        status: Connection,
+        counters,
+        parent_pid: int,
+        stdin_fd: int | None = None,
+        start_pass: int = 0,
+        supervisor: int | None = None,
+    ):
         self.cfg = cfg
         self.index = index
         self.label = f"Worker {index}"
         self.status = status
         self.counters = counters
         self.parent_pid = parent_pid
+        self.supervisor = supervisor  # watch_supervisor's descriptor, or None
         self.sent = 0
         self.source = CsvSource(cfg.csv, cfg.column_types, fmt=cfg.csv_format, max_message_bytes=cfg.max_message_bytes, label=self.label, stdin_fd=stdin_fd)
         self.finished = False  # a read-once input is done: drain and exit without a restart
@@ -130,6 +165,8 @@ class Worker:
         """Start, produce until told to stop, then drain: flush what is sent, report, exit."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        if self.supervisor is not None:
+            loop.add_reader(self.supervisor, self._supervisor_gone)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked since the fork (streamer.forkserver): one pending is delivered now
         await self.destination.start()
         self.destination.on_acknowledged = self._on_acknowledged
@@ -165,7 +202,7 @@ class Worker:
         limit = RateLimit(cfg.rate, cfg.batch_messages, cfg.linger) if cfg.rate > 0 else None
         lingering = limit is not None and limit.lingering
         base_chunk = limit.chunk if limit else cfg.batch_messages
-        chunk = limit.first_chunk if limit else base_chunk  # then doubles up to base_chunk
+        chunk = limit.first_chunk if limit else base_chunk  # a slow stream's first message goes alone
         # a batch body stays within the message cap (so the broker's size check never has to
         # split it) and well inside the frame cap; large rows shrink the batches that follow
         self._batch_bytes = batch_bytes(cfg.max_message_bytes)
@@ -220,7 +257,9 @@ class Worker:
                 chunk = max(1, len(batch) * self._batch_bytes * 9 // (len(body) * 10))
                 await self._publish_split(batch, envelope)
             else:
-                if chunk < base_chunk and len(body) * 2 < self._batch_bytes:  # the first chunk, or rows got smaller again
+                if chunk < base_chunk and lingering:  # after the first message alone: whole chunks
+                    chunk = base_chunk
+                elif chunk < base_chunk and len(body) * 2 < self._batch_bytes:  # rows got smaller again
                     chunk = min(base_chunk, chunk * 2)
                 await destination.publish(body, len(batch))
             self.sent += len(batch)
@@ -350,6 +389,13 @@ class Worker:
         now = time.monotonic()
         if now - self._status_at >= STATUS_INTERVAL_S:
             self._status(now)
+
+    def _supervisor_gone(self) -> None:
+        """The streamer died without stopping us (SIGKILL, OOM kill): nobody is left to count or
+        restart this worker, nor (embedded) a broker to acknowledge it, so it exits at once, as
+        the kernel's parent-death signal does for a worker whose parent dies."""
+        log.warning("%s: the streamer is gone; exiting", self.label)
+        os._exit(1)
 
     def _status(self, now: float) -> None:
         """The status to the parent if it changed, and the report to the broker when the skipped

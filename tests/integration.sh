@@ -58,8 +58,10 @@ fail() { echo "FAIL: $*"; exit 1; }
 [ "$status" = 0 ] || fail "the streamer exited $status, not 0 after its drain"
 [ -n "$summary" ] || fail "no drain summary in the log"
 [ "$published" = "$accepted" ] || fail "published=$published but the broker accepted $accepted"
-# 10 msg/s: 20 in 2 s, with room for a slow machine's scheduling
-[ "$per_2s" -ge 16 ] && [ "$per_2s" -le 24 ] || fail "$per_2s messages in 2 s while running; expected about 20"
+# 10 msg/s: 20 in 2 s. Below 100 msg/s a worker sends what falls due within --linger (1 s) in one
+# chunk (5 messages here), so a 2 s window counts 2 chunks per worker, give or take one; the total
+# below, and the timestamps (tests/test_efficiency.py), hold the rate exactly
+[ "$per_2s" -ge 10 ] && [ "$per_2s" -le 30 ] || fail "$per_2s messages in 2 s while running; expected 20, give or take a chunk per worker"
 # 5 s less start-up (at most ~2 s on a slow machine) at 10 msg/s, plus each worker's first message
 [ "$published" -ge 30 ] && [ "$published" -le 52 ] || fail "published=$published in a 5 s run; expected about 2 x 5 x 5 = 50"
 echo "PASS: $per_2s messages in 2 s mid-run, published=$published = broker_accepted=$accepted, drained with exit 0"

@@ -120,10 +120,12 @@ def test_workers_run_as_batch_work_and_the_broker_does_not(procs, sample_csv):
 def test_workers_die_with_a_killed_parent(procs, sample_csv):
     proc, _ = start_streamer(sample_csv, "--workers=3", "--rate=5")
     procs.append(proc)
-    pids = worker_pids(proc, 3)
+    pids = worker_pids(proc, 3) + children_of(proc.pid)  # the workers and their fork server
     proc.popen.kill()
     proc.wait()
-    wait_until(lambda: not any(alive(pid) for pid in pids), timeout=10, message="workers to exit after the parent's SIGKILL")
+    # the fork server lives while a worker holds its lifeline, and the workers' parent is the fork
+    # server: each watches the streamer itself (a pidfd), or they all stayed behind for good
+    wait_until(lambda: not any(alive(pid) for pid in pids), timeout=10, message="workers and fork server to exit after the parent's SIGKILL")
 
 
 def test_bad_rows_are_counted_in_stats_and_the_stream_goes_on(procs, tmp_path):
