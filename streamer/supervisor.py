@@ -27,7 +27,7 @@ import orjson
 from broker.server import Broker, BrokerStartError
 from common.httpauth import HttpSecurityError
 
-from . import health, worker
+from . import health, workerproc
 from .config import StreamerConfig
 
 log = logging.getLogger("streamer")
@@ -42,7 +42,7 @@ PROGRESS_REFRESH_S = 0.5
 CRASH_LOOP_RESTARTS, CRASH_LOOP_WINDOW_S = 5, 60.0  # more restarts than this within the window: give up
 
 
-_COUNTER = {key: i for i, key in enumerate(worker.COUNTERS)}
+_COUNTER = {key: i for i, key in enumerate(workerproc.COUNTERS)}
 
 
 @dataclass
@@ -53,7 +53,7 @@ class WorkerSlot:
     replay: bool = False  # its worker runs a replay (passes, read)
     process: multiprocessing.process.BaseProcess | None = None
     conn: object = None
-    counters: object = None  # the current process's live counts (worker.COUNTERS), memory shared with it
+    counters: object = None  # the current process's live counts (workerproc.COUNTERS), memory shared with it
     status: dict = field(default_factory=dict)  # latest status from the current process (skipped, finished, failed, profile)
     before: Counter = field(default_factory=Counter)  # COUNTS of earlier processes of this slot
     skipped_before: Counter = field(default_factory=Counter)
@@ -81,7 +81,7 @@ class WorkerSlot:
     def retire(self, crashed: bool = False) -> None:
         """The current process has exited: keep its counts (as it last wrote them), forget its
         status (the passes it completed stay, so a restarted process continues from there)."""
-        live = {key: self.live(key) for key in worker.COUNTERS}
+        live = {key: self.live(key) for key in workerproc.COUNTERS}
         if crashed:
             live["unconfirmed"] = live.pop("unacked")
         self.passes = max(self.passes, live["passes"])
@@ -91,7 +91,7 @@ class WorkerSlot:
         self.skipped_before.update(self.status.get("skipped", {}))
         self.status = {}
         if self.counters is not None:
-            self.counters[:] = [0] * len(worker.COUNTERS)
+            self.counters[:] = [0] * len(workerproc.COUNTERS)
 
     published = property(lambda self: self.total("published"))
     sent = property(lambda self: self.total("sent"))
@@ -249,10 +249,10 @@ class Supervisor:
     def _spawn(self, slot: WorkerSlot) -> None:
         receiver, sender = self._mp.Pipe(duplex=False)
         if slot.counters is None:  # one per slot: a restarted process counts from 0 in it again (retire)
-            slot.counters = self._mp.RawArray("q", len(worker.COUNTERS))
+            slot.counters = self._mp.RawArray("q", len(workerproc.COUNTERS))
         args = (self._worker_cfg, slot.index, sender, slot.counters, _InheritedFd(0) if "-" in self._worker_cfg.csv else None, slot.passes, os.getpid())
         # (stdin: the CSV comes from our standard input; passes: a restarted worker continues after them)
-        process = self._mp.Process(target=worker.main, args=args, name=f"worker-{slot.index}", daemon=False)
+        process = self._mp.Process(target=workerproc.main, args=args, name=f"worker-{slot.index}", daemon=False)
         process.start()
         sender.close()
         slot.process, slot.conn, slot.status = process, receiver, {}

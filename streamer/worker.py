@@ -46,9 +46,9 @@ PROGRESS_INTERVAL_S = 10.0  # "Worker i: Processed N records" at most this often
 STATUS_INTERVAL_S = 1.0  # the status (skipped rows, ...) is looked at at most this often with an acknowledgment,
 STATUS_FALLBACK_S = 2.0  # and from a timer when none brought a look for this long (a slow or idle worker, a broker away),
 STATUS_IDLE_S = 10.0  # which backs off to this while nothing changes
-# the live counts in the memory shared with the parent (int64s, in this order); `passes` is the
-# replay's passes done in all (earlier processes of the slot included), the rest this process's
-COUNTERS = ("sent", "published", "unacked", "lost_by_broker", "read", "passes", "rows_per_pass")
+# the live counts in the memory shared with the parent are streamer.workerproc.COUNTERS (int64s,
+# in that order); `passes` is the replay's passes done in all (earlier processes of the slot
+# included), the rest this process's
 REPORT_INTERVAL_S = 10.0  # an unchanged report goes to the broker again this often (e.g. after its restart)
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 30.0  # backoff while the file is missing or unusable
 _PR_SET_PDEATHSIG = 1
