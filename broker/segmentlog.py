@@ -274,7 +274,7 @@ class TopicLog:
                 expected = batch.next_offset
                 position += batch.size
         if position < end:
-            dropped = _written_past(seg.path, position, end, seg.base_offset)
+            dropped = _written_past(seg.path, position, end, seg.base_offset, expected)
             os.ftruncate(seg.fd, position)
             os.fsync(seg.fd)
             self.recovered_dropped_bytes = dropped
@@ -509,15 +509,21 @@ def _still_at(f, path: str) -> bool:
         return False
 
 
-def _written_past(path: str, position: int, end: int, base: int) -> int:
-    """Bytes from `position` (where the valid batches of the segment at `path` end) that this
-    segment wrote: a torn batch. Not counted: a recycled file's remains after it."""
+def _written_past(path: str, position: int, end: int, base: int, expected: int) -> int:
+    """Bytes from `position` (where the valid batches of the segment at `path` end, the next
+    offset being `expected`) that this segment wrote: a torn batch. Not counted: a recycled
+    file's remains after it, which begin anywhere inside one of the older segment's batches."""
     with open_read(path) as f:
         batch = read_batch(f, position)
         if batch is not None and batch.base_offset < base:
-            return 0
+            return 0  # the remains start right there
         remains = _resync(f, position + 1, end)
-        return (remains.position if remains is not None and remains.base_offset < base else end) - position
+        if remains is None or remains.base_offset >= base:
+            return end - position  # not a recycled file: everything past the valid end was ours
+        f.seek(position)
+        header = f.read(HEADER_SIZE)
+        torn = len(header) == HEADER_SIZE and header[:4] in CHECKSUMS and HEADER.unpack(header)[3] == expected
+        return remains.position - position if torn else 0
 
 
 def _resync(f, position: int, end: int) -> Batch | None:

@@ -287,7 +287,9 @@ def test_a_crash_while_writing_a_recycled_file_drops_nothing_of_its_remains(tmp_
     end, next_offset = topic_log.active.size, topic_log.next_offset
     remains = os.path.getsize(topic_log.active.path) - end
     assert remains > 2000, "the test needs several batches of remains"
-    os.pwrite(topic_log.active.fd, b"TLB2torn", end)  # a batch torn where the remains begin
+    body = payload(*range(50))  # a batch torn where the remains begin: its header and half its payload
+    header = tlog.encode_batch(next_offset, P2, 0, 1, 50, body)
+    os.pwrite(topic_log.active.fd, header + body[: len(body) // 2], end)
     os.close(topic_log.active.fd)  # killed: no trimming close
     with caplog.at_level(logging.WARNING):
         reopened = open_log(tmp_path, segment_bytes=16 << 10, retention_bytes=48 << 10)
@@ -297,6 +299,19 @@ def test_a_crash_while_writing_a_recycled_file_drops_nothing_of_its_remains(tmp_
     assert os.path.getsize(reopened.active.path) == end
     write_batches(reopened, [50])
     assert [r[0] for r in records(tmp_path)] == list(range(reopened.first_offset, next_offset + 50))
+
+
+def test_a_crash_between_batches_of_a_recycled_file_reports_no_drop(tmp_path, caplog):
+    topic_log = _recycling_log(tmp_path)
+    write_batches(topic_log, [7], producer=P2)  # a shorter batch: the end no longer lines up with a batch of the remains
+    next_offset = topic_log.next_offset
+    assert os.path.getsize(topic_log.active.path) > topic_log.active.size + 2000
+    os.close(topic_log.active.fd)  # killed between two batches: what follows is the remains, from mid-batch
+    with caplog.at_level(logging.WARNING):
+        reopened = open_log(tmp_path, segment_bytes=16 << 10, retention_bytes=48 << 10)
+    assert reopened.next_offset == next_offset
+    assert reopened.recovered_dropped_bytes == 0
+    assert not [r for r in caplog.records if "dropped" in r.getMessage()]
 
 
 def test_a_clean_close_trims_the_recycled_remains_and_a_restart_reports_no_drop(tmp_path):
