@@ -279,13 +279,14 @@ class Replay:
 
 async def run_rate(items: Iterator, send, limit, max_batch: int) -> None:
     """--pace=rate: `limit` (a streamer.rate.RateLimit, or None = unthrottled) releases chunks."""
-    chunk = limit.first_chunk if limit is not None else max_batch  # a slow stream's first message goes at once
+    full = limit.chunk if limit is not None else max_batch
+    chunk = limit.first_chunk if limit is not None else full  # a slow stream's first message goes at once
     lingering = limit is not None and limit.lingering
     while True:
         if limit is not None:
             await limit.acquire(chunk)
         batch = list(islice(items, chunk))
-        chunk = limit.chunk if limit is not None else max_batch
+        chunk = full
         if not batch:
             return
         stamps = None
