@@ -112,7 +112,11 @@ def one_line_error(procs, url: str, csv: str, *args: str, within: float = 15.0) 
     assert code != 0 and "Traceback" not in proc.output, proc.output
     errors = [line for line in proc.lines if line.startswith("telemetry-streamer: error:")]
     assert len(errors) == 1, proc.output
-    assert "Starting" not in proc.output and "Waiting for a NATS server" not in proc.output, proc.output
+    assert "Starting" not in proc.output, proc.output
+    # refused at once, not waited on: a server that drops a handshake without a client certificate
+    # may close before its TLS alert is read, and that first attempt is a broken pipe (retried once;
+    # the retry reads the refusal): seen once in four full runs of ../shared/tools/ci-local
+    assert sum("Waiting for a NATS server" in line for line in proc.lines) <= 1, proc.output
     assert time.monotonic() - started < within, proc.output
     return errors[0]
 
