@@ -330,6 +330,10 @@ class CsvSource:
                     else:
                         if max_fields_bytes is None or len(encoded) <= max_fields_bytes:
                             if keep:
+                                # a copy of exactly its length: what orjson returns keeps the whole
+                                # buffer it wrote into (4 KiB for a 100-byte row in orjson 3.10+),
+                                # and a kept row lives as long as the worker
+                                encoded = bytes(memoryview(encoded))
                                 current.rows.append(encoded)
                                 current.cached_bytes += len(encoded) + _ROW_OVERHEAD
                                 if current.cached_bytes > self.cache_bytes:

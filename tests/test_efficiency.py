@@ -201,3 +201,23 @@ def test_the_process_tree_is_the_streamer_its_fork_server_and_the_workers(procs,
 def _cmdline(pid: int) -> str:
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         return f.read().replace(b"\0", b" ").decode()
+
+
+def test_workers_do_not_run_the_main_script_again(monkeypatch):
+    """multiprocessing runs a script main module (the telemetry-streamer console script) again in
+    every child; a worker needs nothing from it, and it imported the whole command line into each
+    (1.8 MB of its own per worker)."""
+    import sys
+    import types
+    from multiprocessing import spawn
+
+    from streamer.supervisor import _main_script_not_rerun
+
+    script = types.ModuleType("__main__")
+    script.__file__, script.__spec__ = "/usr/local/bin/telemetry-streamer", None
+    monkeypatch.setitem(sys.modules, "__main__", script)
+    assert spawn.get_preparation_data("worker-0")["init_main_from_path"] == script.__file__  # what it would do
+    with _main_script_not_rerun():
+        data = spawn.get_preparation_data("worker-0")
+    assert "init_main_from_path" not in data and data["init_main_from_name"].endswith(".__main__")
+    assert script.__spec__ is None  # as it was

@@ -99,10 +99,15 @@ def thread_counts(pids: list[int]) -> dict[tuple[int, int], tuple[str, int, int]
     return counts
 
 
+def _command() -> list[str]:
+    """The installed `telemetry-streamer` (what users run: a script, which multiprocessing would
+    run again in every worker), else `python -m streamer`."""
+    script = os.path.join(os.path.dirname(sys.executable), "telemetry-streamer")
+    return [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "streamer"]
+
+
 def _streamer(*args: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamer", f"--csv={SAMPLE}", "--broker-port=0", "--http-port=0", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True
-    )
+    proc = subprocess.Popen([*_command(), f"--csv={SAMPLE}", "--broker-port=0", "--http-port=0", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
         if match := re.search(r"HTTP (http://\S+) ", line):
             return proc, match.group(1)
