@@ -29,7 +29,7 @@ import orjson
 from broker.server import Broker, BrokerStartError
 from common.httpauth import HttpSecurityError
 
-from . import health, workerproc
+from . import forkserver, health, workerproc
 from .config import StreamerConfig
 
 log = logging.getLogger("streamer")
@@ -451,14 +451,15 @@ def _detach(dup) -> int:
 def worker_context() -> multiprocessing.context.BaseContext:
     """Workers start from a fork server that has imported the worker's modules once: a new worker
     is a fork of it (milliseconds, and the imported code's pages are shared), not a fresh
-    interpreter importing everything again. The fork server is a clean single-threaded process,
-    started before any worker; the supervisor itself (threads, sockets) is never forked. Where
-    there is no fork server (not POSIX), workers are spawned."""
+    interpreter importing everything again. The fork server is a fork of this process taken now,
+    while it has no thread, socket or event loop (streamer.forkserver); the running supervisor is
+    never forked. Where there is no fork server (not POSIX), workers are spawned."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["streamer.forkserver", "streamer.worker", "streamer.workerproc", "streamer.destinations.zeromq", "uvloop", "multiprocessing.sharedctypes", "multiprocessing.popen_forkserver"])
+    context.set_forkserver_preload(forkserver.PRELOAD)
     _without_resource_tracker()
+    forkserver.start()
     return context
 
 

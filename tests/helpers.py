@@ -259,9 +259,11 @@ def workers_of(pid: int) -> list[int]:
         try:
             with open(f"/proc/{child}/cmdline", "rb") as f:
                 cmdline = f.read()
+            with open(f"/proc/{child}/comm", "rb") as f:
+                name = f.read().strip()
         except FileNotFoundError:
             continue
-        if b"forkserver" in cmdline:
+        if name == b"forkserver" or b"forkserver" in cmdline:  # a fork of the streamer, or a new interpreter
             found += children_of(child)
         elif b"spawn_main" in cmdline:
             found.append(child)

@@ -191,7 +191,8 @@ def test_the_process_tree_is_the_streamer_its_fork_server_and_the_workers(procs,
     workers = wait_until(lambda: len(w := workers_of(proc.pid)) == 2 and w, message="2 workers")
     children = children_of(proc.pid)
     assert len(children) == 1, [_cmdline(c) for c in children]
-    assert "multiprocessing.forkserver" in _cmdline(children[0])
+    with open(f"/proc/{children[0]}/comm") as f:
+        assert f.read().strip() == "forkserver"  # a fork of the streamer (streamer.forkserver), named
     assert sorted(children_of(children[0])) == sorted(workers)
     wait_until(lambda: topic_stats(http)["workers"]["1"]["published"] > 0, message="the workers publishing")
     proc.signal(signal.SIGINT)
@@ -221,3 +222,47 @@ def test_workers_do_not_run_the_main_script_again(monkeypatch):
         data = spawn.get_preparation_data("worker-0")
     assert "init_main_from_path" not in data and data["init_main_from_name"].endswith(".__main__")
     assert script.__spec__ is None  # as it was
+
+
+_FORK_SERVER_PROBE = """
+import multiprocessing, os, sys, threading, time
+from streamer import forkserver, workerproc
+
+def exit_with(code):
+    os._exit(code)
+
+if __name__ == "__main__":
+    if sys.argv[1] == "thread":
+        threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
+    forked = forkserver.start()
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(forkserver.PRELOAD)
+    child = context.Process(target=exit_with, args=(7,))
+    child.start()
+    child.join(30)
+    server = multiprocessing.forkserver._forkserver._forkserver_pid
+    with open(f"/proc/{server}/comm") as f:
+        name = f.read().strip()
+    fds = sorted(os.readlink(f"/proc/{server}/fd/{fd}") for fd in os.listdir(f"/proc/{server}/fd"))
+    print(forked, child.exitcode, name, os.getppid() != server, len(fds), fds, flush=True)
+"""
+
+
+@pytest.mark.parametrize("threads", ["none", "thread"])
+def test_the_fork_server_is_a_fork_of_the_streamer_unless_a_thread_runs(tmp_path, threads):
+    """Forked while the streamer has only its one thread (everything it imported is then shared
+    with the workers); with another thread multiprocessing starts a new interpreter, as before.
+    Either way a worker's exit code comes back, and the fork server holds only its own descriptors
+    (none of the streamer's files: it is forked before the broker opens its log)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(_FORK_SERVER_PROBE)
+    with open(tmp_path / "held.txt", "w") as held:  # a file the streamer has open when it forks
+        out = subprocess.run([sys.executable, str(script), threads], capture_output=True, text=True, timeout=60, pass_fds=[held.fileno()])
+    assert out.returncode == 0, out.stderr
+    forked, exitcode, name, _, count, fds = out.stdout.split(" ", 5)
+    assert exitcode == "7"
+    assert (forked, name == "forkserver") == (("True", True) if threads == "none" else ("False", False))
+    assert "held.txt" not in fds and int(count) <= 10, fds
