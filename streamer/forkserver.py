@@ -98,9 +98,11 @@ def start() -> bool:
             os.chmod(address, 0o600)
         listener.listen()
         alive_r, alive_w = os.pipe()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # the child is born with it blocked
         pid = os.fork()
         if pid == 0:
             _serve(listener.fileno(), alive_r, server._preload_modules)  # never returns
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(alive_r)
     server._forkserver_address = address
     server._forkserver_alive_fd = alive_w

@@ -262,7 +262,8 @@ def test_the_fork_server_is_a_fork_of_the_streamer_unless_a_thread_runs(tmp_path
     with open(tmp_path / "held.txt", "w") as held:  # a file the streamer has open when it forks
         out = subprocess.run([sys.executable, str(script), threads], capture_output=True, text=True, timeout=60, pass_fds=[held.fileno()])
     assert out.returncode == 0, out.stderr
-    forked, exitcode, name, _, count, fds = out.stdout.split(" ", 5)
+    forked, exitcode, name, _, _count, fds = out.stdout.split(" ", 5)
     assert exitcode == "7"
     assert (forked, name == "forkserver") == (("True", True) if threads == "none" else ("False", False))
-    assert "held.txt" not in fds and int(count) <= 10, fds
+    # its descriptors: /dev/null for standard input, the pipes and sockets it serves with; no file
+    assert "held.txt" not in fds and all(fd.startswith(("'/dev/null'", "'pipe:", "'socket:", "'anon_inode:")) for fd in fds.strip("[]\n").split(", ")), fds
