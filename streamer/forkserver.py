@@ -62,7 +62,13 @@ _MAIN_PARAMETERS = ["listener_fd", "alive_r", "preload", "main_path", "sys_path"
 
 
 def _in_the_fork_server() -> bool:
-    return sys.argv[:1] == ["-c"] and "multiprocessing.forkserver" in sys.modules
+    """True while multiprocessing's fork server loop imports this module (it is on the stack)."""
+    frame = sys._getframe()
+    while frame is not None:
+        if frame.f_code.co_name == "main" and frame.f_code.co_filename.endswith(os.path.join("multiprocessing", "forkserver.py")):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _become_the_fork_server() -> None:
@@ -80,34 +86,55 @@ def start() -> bool:
     from multiprocessing import connection, forkserver, util
 
     server = forkserver._forkserver
+    try:
+        threads = len(os.listdir("/proc/self/task"))  # another thread: a fork copies only this one
+    except OSError:  # no /proc: nothing tells the threads and descriptors
+        return False
     if (
-        not sys.platform.startswith("linux")  # where /proc tells the threads and descriptors
+        threads != 1
         or set(vars(server)) != _SERVER_STATE
         or list(inspect.signature(forkserver.main).parameters) != _MAIN_PARAMETERS
         or server._forkserver_pid is not None
-        or len(os.listdir("/proc/self/task")) != 1  # another thread: a fork copies only this one
     ):
         return False
-    gc.freeze()  # our collections then never write to what the fork shares
-    with socket.socket(socket.AF_UNIX) as listener:
-        # as multiprocessing does it: a socket only we can connect to; a pipe whose other end all
-        # our processes hold, so that the fork server ends when the last of them is gone
+    # as multiprocessing does it: a socket only we can connect to; a pipe whose other end all our
+    # processes hold, so that the fork server ends when the last of them is gone
+    listener = socket.socket(socket.AF_UNIX)
+    alive = None
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # the child is born with them blocked
+    try:
         address = connection.arbitrary_address("AF_UNIX")
         listener.bind(address)
         if not util.is_abstract_socket_namespace(address):
             os.chmod(address, 0o600)
         listener.listen()
-        alive_r, alive_w = os.pipe()
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # the child is born with it blocked
+        alive = os.pipe()
+        gc.freeze()  # our collections then never write to what the fork shares
         pid = os.fork()
         if pid == 0:
-            _serve(listener.fileno(), alive_r, server._preload_modules)  # never returns
+            _serve(listener.fileno(), alive[0], server._preload_modules)  # never returns
+    except OSError:  # no process to be had (a pids limit) or no socket: multiprocessing's own way
+        gc.unfreeze()
+        if alive is not None:
+            os.close(alive[1])
+        return False
+    finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        os.close(alive_r)
+        listener.close()
+        if alive is not None:
+            os.close(alive[0])
     server._forkserver_address = address
-    server._forkserver_alive_fd = alive_w
+    server._forkserver_alive_fd = alive[1]
     server._forkserver_pid = pid
     return True
+
+
+def set_name(name: bytes) -> None:
+    """This process's name in ps and top (/proc/PID/comm, 15 bytes at most)."""
+    try:
+        ctypes.CDLL(None).prctl(_PR_SET_NAME, ctypes.c_char_p(name[:15]))
+    except (OSError, AttributeError):
+        pass
 
 
 def _serve(listener_fd: int, alive_r: int, preload: list[str]) -> None:
@@ -123,11 +150,13 @@ def _serve(listener_fd: int, alive_r: int, preload: list[str]) -> None:
                     os.close(fd)
                 except OSError:  # the directory listing's own descriptor, closed already
                     pass
+        devnull = os.open(os.devnull, os.O_RDONLY)  # the streamer's standard input is not its to hold
+        os.dup2(devnull, 0)
+        os.close(devnull)
         _become_the_fork_server()
-        try:
-            ctypes.CDLL(None).prctl(_PR_SET_NAME, ctypes.c_char_p(NAME))
-        except (OSError, AttributeError):
-            pass
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole group: the streamer decides
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        set_name(NAME)
         from multiprocessing import forkserver
 
         forkserver.main(listener_fd, alive_r, preload)

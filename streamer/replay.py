@@ -41,7 +41,7 @@ from itertools import islice
 import orjson
 
 from .config import ReplayConfig
-from .csvsource import SKIP_REASONS, CsvSource
+from .csvsource import SKIP_REASONS, CsvSource, compact
 from .infer import infer
 from .profile import Profile
 from .timestamps import NS, parse_time_ns
@@ -243,7 +243,7 @@ class Replay:
                 continue
             self.read += 1
             if keyed:
-                key_json = orjson.dumps(key)
+                key_json = compact(orjson.dumps(key))
                 if room is not None and len(raw) + len(key_json) + KEY_FIELD_BYTES > room:
                     skipped["message_too_large"] += 1
                     continue
@@ -266,7 +266,7 @@ class Replay:
                         fields[c] += inc
                         changed = True
                 if changed:
-                    raw = orjson.dumps(fields)
+                    raw = compact(orjson.dumps(fields))
             yield raw, stamp, due, key_json
 
 

