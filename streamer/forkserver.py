@@ -1,16 +1,19 @@
 """The workers' fork server: one process that has imported the worker's modules, of which every
 worker is a fork (milliseconds, and the imported code's pages shared, not imported again).
 
-`start` makes it a fork of the streamer's own process, taken when the supervisor is created: before
-the streamer has a thread, an event loop, a socket or an open log, so that there is nothing in it
-a fork could break. Everything the streamer has imported by then (asyncio, zmq, orjson, click,
-aiohttp...) is then shared by the streamer, the fork server and every worker instead of imported
-again by a fresh interpreter (`--workers=5 --rate=10 --persistence`: 99.5 -> 92 MB PSS for the
-tree, see docs/BENCHMARKS.md). It then runs multiprocessing's own fork server loop, so workers are
-started, watched and reaped exactly as multiprocessing does it. Where that cannot be done (a thread
-already running, or a Python whose multiprocessing fork server differs from the one this was
-written against), multiprocessing starts the fork server its own way, a new interpreter that
-imports this module (PRELOAD) and sets itself up the same way at import.
+`start` makes it a fork of the streamer's own process, taken when the supervisor is created:
+before the streamer has a thread, an event loop, a socket or an open log, so that there is
+nothing in it a fork could break (a program embedding the streamer: what it holds at that
+moment is forked too, its descriptors closed in the fork, its objects frozen, see start).
+Everything the streamer has imported by then (asyncio, zmq, orjson, click, aiohttp...) is then
+shared by the streamer, the fork server and every worker instead of imported again by a fresh
+interpreter (`--workers=5 --rate=10 --persistence`: 99.5 -> 92 MB PSS for the tree, see
+docs/BENCHMARKS.md). It then runs multiprocessing's own fork server loop, so workers are
+started, watched and reaped exactly as multiprocessing does it. Where that cannot be done (not
+Linux, a thread already running, a fork that fails, or a Python whose multiprocessing fork
+server differs from the one this was written against), multiprocessing starts the fork server
+its own way, a new interpreter that imports this module (PRELOAD) and sets itself up the same
+way at import.
 
 A stop signal sent to the whole process group (`timeout`, systemd's default KillMode, `kill -TERM
 -PGID`) reaches the fork server too. Were it to die, its children (the workers) would be killed
