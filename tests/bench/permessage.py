@@ -1,0 +1,87 @@
+"""CPU per message, streamer (with its embedded broker) and workers apart, with and without
+persistence: what persistence costs in CPU, whatever else the machine is doing.
+
+    python3 tests/bench/permessage.py                  # 2 workers, 2 rounds, about 1 minute
+    python3 tests/bench/permessage.py --workers=1 --rounds=3
+
+Each run: `--rate=0` on data/gpu_metrics.csv, 3 s warm-up, then an 8 s window; messages from the
+broker's /stats, CPU (utime + stime) from /proc for the streamer's process and for the rest of
+its tree (the fork server, idle, and the workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path[:0] = [HERE]
+
+from efficiency import cpu_seconds, tree  # noqa: E402
+from throughput import stats  # noqa: E402
+
+
+def measure(workers: int, persistence_dir: str | None, warmup: float = 3.0, window: float = 8.0) -> tuple[float, float, float]:
+    """(msg/s, streamer µs per message, workers µs per message)."""
+    extra = ["--persistence", f"--persistence-dir={persistence_dir}"] if persistence_dir else []
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamer",
+        f"--csv={ROOT}/data/gpu_metrics.csv",
+        f"--workers={workers}",
+        "--rate=0",
+        "--broker-port=0",
+        "--http-port=0",
+        *extra,
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if match := re.search(r"HTTP (http://\S+) ", line):
+                url = match.group(1)
+                break
+        else:
+            raise SystemExit(f"the streamer did not start: exit {proc.wait()}")
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
+        time.sleep(warmup)
+        pids = tree(proc.pid)
+        before, main0, all0, t0 = stats(url)["messages"], cpu_seconds([proc.pid]), cpu_seconds(pids), time.monotonic()
+        time.sleep(window)
+        after, main1, all1, t1 = stats(url)["messages"], cpu_seconds([proc.pid]), cpu_seconds(pids), time.monotonic()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    n = after - before
+    main, rest = main1 - main0, (all1 - all0) - (main1 - main0)
+    return n / (t1 - t0), main / n * 1e6, rest / n * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    for _ in range(args.rounds):
+        for persistence in (True, False):
+            log_dir = tempfile.mkdtemp(prefix="permessage-") if persistence else None
+            try:
+                rate, streamer_us, workers_us = measure(args.workers, log_dir)
+            finally:
+                if log_dir:
+                    shutil.rmtree(log_dir, ignore_errors=True)
+            label = "with persistence" if persistence else "without        "
+            print(f"{label}: {rate / 1e6:.2f} M msg/s; streamer and broker {streamer_us:.3f} µs/msg, workers {workers_us:.3f} µs/msg", flush=True)
+
+
+if __name__ == "__main__":
+    main()
