@@ -432,7 +432,7 @@ class TopicLog:
         except FileNotFoundError:
             pass
         except OSError as exc:
-            log.error("Log %s: cannot delete segment %d: %s", self.directory, base, exc.strerror)
+            log.error("Log %s: cannot retire segment %d: %s", self.directory, base, exc.strerror)
 
     # -- stats and close -----------------------------------------------------------------------
 

@@ -131,11 +131,12 @@ async def prepare(cfg) -> int:
             try:
                 info = await _find_or_create(js, cfg)
             except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError, _NotYet) as exc:
+                reason = _why(exc)
                 if time.monotonic() >= deadline:  # e.g. a cluster still electing its JetStream leader, or with too few peers yet
-                    raise DestinationError(f"JetStream at {where} did not answer within {n.connect_wait:g} s ({_why(exc)})") from None
-                if _why(exc) != waiting_for:  # once per reason: a timeout, then "cannot place 3 replicas"
-                    waiting_for = _why(exc)
-                    log.warning("Waiting for JetStream at %s (%s)", where, waiting_for)
+                    raise DestinationError(f"JetStream at {where} did not answer within {n.connect_wait:g} s ({reason})") from None
+                if reason != waiting_for:  # once per reason: a timeout, then "cannot place 3 replicas"
+                    waiting_for = reason
+                    log.warning("Waiting for JetStream at %s (%s)", where, reason)
                 await asyncio.sleep(0.25)
             except nats.js.errors.APIError as exc:
                 raise DestinationError(f"JetStream refused the stream request for {n.stream!r}: {exc.description or exc}") from None
