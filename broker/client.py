@@ -165,7 +165,7 @@ class Publisher(_Client):
         self._inflight.append(batch)
         self._inflight_messages += count
         self._inflight_bytes += len(body)
-        await self._sock.send_multipart(p.publish_frames(self._topic, self.producer_id, batch.first_seq, count, body), copy=False)
+        await self._sock.send_multipart(p.publish_frames(self._topic, self.producer_id, batch.first_seq, count, body))
 
     async def report(self, counters: dict) -> None:
         """Tell the broker this producer's own cumulative counters (shown in its stats)."""
@@ -289,7 +289,7 @@ class Publisher(_Client):
         for batch in list(self._inflight):
             batch.sent_at = now
             self.resends += 1
-            sends.append(self._sock.send_multipart(p.publish_frames(self._topic, self.producer_id, batch.first_seq, batch.count, batch.body), copy=False))
+            sends.append(self._sock.send_multipart(p.publish_frames(self._topic, self.producer_id, batch.first_seq, batch.count, batch.body)))
         await asyncio.gather(*sends)
 
     # -- drain and close -----------------------------------------------------------------------

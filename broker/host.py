@@ -26,7 +26,7 @@ def raise_open_files_limit() -> None:
             pass
 
 
-def keep_freed_memory() -> bool:
+def keep_freed_memory(keep_bytes: int = HEAP_KEEP_BYTES) -> bool:
     """Let glibc's malloc keep freed memory for the next batch instead of returning it at once.
 
     Every batch the broker receives is a fresh buffer of up to a few MB (ZeroMQ's, then Python's
@@ -35,12 +35,13 @@ def keep_freed_memory() -> bool:
     the broker with --persistence that was a third of its CPU (measured: 972 -> 663 us per 4,000-
     message batch). Setting both thresholds also switches off glibc's sliding thresholds, so the
     behaviour does not depend on what was allocated first. The cost is up to HEAP_KEEP_BYTES of
-    resident memory the broker keeps between bursts. Returns False where the C library has no
-    mallopt (musl, macOS): nothing to tune there.
+    resident memory the broker keeps between bursts. Workers do the same with their batch bodies
+    (built, sent, held until acknowledged, freed: streamer.worker keeps up to twice its publisher's
+    window). Returns False where the C library has no mallopt (musl, macOS): nothing to tune there.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_FROM_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, HEAP_KEEP_BYTES))
+    return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_FROM_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, keep_bytes))

@@ -290,3 +290,61 @@ def test_the_fork_server_is_a_fork_of_the_streamer_unless_a_thread_runs(tmp_path
     assert (forked, name == "forkserver") == (("True", True) if threads == "none" else ("False", False))
     # its descriptors: /dev/null for standard input, the pipes and sockets it serves with; no file
     assert "held.txt" not in fds and all(fd.startswith(("'/dev/null'", "'pipe:", "'socket:", "'anon_inode:")) for fd in fds.strip("[]\n").split(", ")), fds
+
+
+def test_a_publisher_hands_its_batches_to_zeromq_without_the_garbage_collector_thread(monkeypatch):
+    """A batch body is copied into ZeroMQ (one memcpy) instead of lent to it: a lent (zero-copy)
+    buffer is released by pyzmq's garbage-collector thread, one GIL hand-over per batch, and in a
+    busy worker that thread fell behind, freed batches in bursts and made the heap shrink and grow
+    again (20,000 page faults a second per worker; docs/BENCHMARKS.md)."""
+    import asyncio
+
+    from zmq.utils import garbage
+
+    from broker import protocol as p
+    from broker.client import Publisher
+
+    lent = []
+    store = garbage.gc.store
+    monkeypatch.setattr(garbage.gc, "store", lambda *args: lent.append(args) or store(*args))
+    body = b"\n".join([b'{"v":%d}' % i for i in range(20_000)])  # well past pyzmq's copy threshold (64 KiB)
+    with fake_broker() as (router, url):
+
+        async def scenario() -> bytes:
+            pub = Publisher(url, "telemetry", ack_timeout=5.0)
+            await pub.start()
+            try:
+                await pub.publish(body, 20_000)
+                deadline = time.monotonic() + 10
+                while not router.poll(0):
+                    assert time.monotonic() < deadline, "no PUBLISH arrived"
+                    await asyncio.sleep(0.01)
+                return router.recv_multipart()[5]
+            finally:
+                await pub.close()
+
+        assert asyncio.run(scenario()) == body
+    assert p.message_count(body) == 20_000
+    assert lent == []
+
+
+def test_an_unthrottled_worker_does_not_fault_its_batch_memory_in_again(procs, sample_csv):
+    """A worker's batch bodies (built, sent, held until acknowledged, freed) reuse freed heap
+    memory: before, each new body faulted its pages in again, about 10 page faults per 1,000
+    messages. Counted over a million messages, whatever the machine's speed."""
+    proc, http = start_streamer(sample_csv, "--workers=1", "--rate=0")
+    procs.append(proc)
+    worker = wait_until(lambda: workers_of(proc.pid), message="the worker")[0]
+    messages = lambda: get_json(f"{http}/stats/telemetry")[1]["messages"]  # noqa: E731
+    wait_until(lambda: messages() >= 200_000, timeout=60, message="a warmed-up worker")
+
+    def minor_faults() -> int:
+        with open(f"/proc/{worker}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[7])
+
+    faults, start = minor_faults(), messages()
+    wait_until(lambda: messages() >= start + 1_000_000, timeout=120, interval=0.2, message="a million more messages")
+    per_thousand = (minor_faults() - faults) * 1000 / (messages() - start)
+    assert per_thousand < 1.0, per_thousand
+    proc.signal(signal.SIGINT)
+    assert proc.wait() == 0, proc.output
