@@ -1,12 +1,15 @@
 """CPU per message, streamer (with its embedded broker) and workers apart, with and without
-persistence: what persistence costs in CPU, whatever else the machine is doing.
+persistence: what persistence costs in throughput and in CPU, measured in alternation so that
+each round compares the same moment's machine.
 
     python3 tests/bench/permessage.py                  # 2 workers, 2 rounds, about 1 minute
     python3 tests/bench/permessage.py --workers=1 --rounds=3
+    python3 tests/bench/permessage.py --rounds=4 --root=/tmp/before --root=.   # before/after A/B
 
 Each run: `--rate=0` on data/gpu_metrics.csv, 3 s warm-up, then an 8 s window; messages from the
 broker's /stats, CPU (utime + stime) from /proc for the streamer's process and for the rest of
-its tree (the fork server, idle, and the workers).
+its tree (the fork server, idle, and the workers). --root runs the streamer of another checkout
+(e.g. `git worktree add /tmp/before <commit>`); the rounds alternate between them too.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,21 +34,21 @@ from efficiency import cpu_seconds, tree  # noqa: E402
 from throughput import stats  # noqa: E402
 
 
-def measure(workers: int, persistence_dir: str | None, warmup: float = 3.0, window: float = 8.0) -> tuple[float, float, float]:
+def measure(workers: int, persistence_dir: str | None, warmup: float = 3.0, window: float = 8.0, root: str = ROOT) -> tuple[float, float, float]:
     """(msg/s, streamer µs per message, workers µs per message)."""
     extra = ["--persistence", f"--persistence-dir={persistence_dir}"] if persistence_dir else []
     cmd = [
         sys.executable,
         "-m",
         "streamer",
-        f"--csv={ROOT}/data/gpu_metrics.csv",
+        f"--csv={root}/data/gpu_metrics.csv",
         f"--workers={workers}",
         "--rate=0",
         "--broker-port=0",
         "--http-port=0",
         *extra,
     ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=root, stderr=subprocess.PIPE, text=True)  # `-m streamer` imports root's
     try:
         for line in proc.stderr:
             if match := re.search(r"HTTP (http://\S+) ", line):
@@ -70,17 +74,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--window", type=float, default=8.0)
+    parser.add_argument("--root", action="append", help="a checkout whose streamer to run (repeatable; default: this one)")
     args = parser.parse_args()
-    for _ in range(args.rounds):
-        for persistence in (True, False):
-            log_dir = tempfile.mkdtemp(prefix="permessage-") if persistence else None
-            try:
-                rate, streamer_us, workers_us = measure(args.workers, log_dir)
-            finally:
-                if log_dir:
-                    shutil.rmtree(log_dir, ignore_errors=True)
-            label = "with persistence" if persistence else "without        "
-            print(f"{label}: {rate / 1e6:.2f} M msg/s; streamer and broker {streamer_us:.3f} µs/msg, workers {workers_us:.3f} µs/msg", flush=True)
+    roots = [os.path.abspath(r) for r in args.root or [ROOT]]
+    results: dict[tuple[str, bool], list[tuple[float, float, float]]] = {(r, p): [] for r in roots for p in (True, False)}
+    for round_ in range(args.rounds):
+        for root in roots:
+            for persistence in (True, False):
+                log_dir = tempfile.mkdtemp(prefix="permessage-") if persistence else None
+                try:
+                    result = measure(args.workers, log_dir, window=args.window, root=root)
+                finally:
+                    if log_dir:
+                        shutil.rmtree(log_dir, ignore_errors=True)
+                results[root, persistence].append(result)
+                rate, streamer_us, workers_us = result
+                label = "with persistence" if persistence else "without        "
+                where = f"{root}: " if len(roots) > 1 else ""
+                print(
+                    f"round {round_ + 1}: {where}{label}: {rate / 1e6:.3f} M msg/s; streamer and broker {streamer_us:.3f} µs/msg, workers {workers_us:.3f} µs/msg",
+                    flush=True,
+                )
+    for root in roots:
+        with_, without = results[root, True], results[root, False]
+        cost = [1 - w[0] / o[0] for w, o in zip(with_, without)]
+        median = lambda runs, i: statistics.median(r[i] for r in runs)  # noqa: E731
+        print(
+            f"{root}: medians {median(with_, 0) / 1e6:.3f} M msg/s with persistence, {median(without, 0) / 1e6:.3f} M without "
+            f"(cost {(1 - median(with_, 0) / median(without, 0)) * 100:.1f}%; by round {', '.join(f'{c * 100:.1f}%' for c in cost)}); "
+            f"CPU per message {median(with_, 1) + median(with_, 2):.3f} µs with, {median(without, 1) + median(without, 2):.3f} µs without"
+        )
 
 
 if __name__ == "__main__":
