@@ -165,6 +165,8 @@ class Publisher(_Client):
         self._inflight.append(batch)
         self._inflight_messages += count
         self._inflight_bytes += len(body)
+        # copied into ZeroMQ, not lent: a lent buffer is released by pyzmq's garbage-collector
+        # thread, one GIL hand-over per batch, which fell behind in a busy worker (docs/DESIGN.md)
         await self._sock.send_multipart(p.publish_frames(self._topic, self.producer_id, batch.first_seq, count, body))
 
     async def report(self, counters: dict) -> None:
@@ -289,7 +291,11 @@ class Publisher(_Client):
         for batch in list(self._inflight):
             batch.sent_at = now
             self.resends += 1
-            sends.append(self._sock.send_multipart(p.publish_frames(self._topic, self.producer_id, batch.first_seq, batch.count, batch.body)))
+            # lent, not copied: while the broker is away ZeroMQ queues every resend (up to SNDHWM),
+            # and copies would pile up a window per resend; a lent body is the one the window holds
+            # (the garbage-collector thread's cost per batch matters on the hot path, not here)
+            frames = p.publish_frames(self._topic, self.producer_id, batch.first_seq, batch.count, batch.body)
+            sends.append(self._sock.send_multipart(frames, copy=False))
         await asyncio.gather(*sends)
 
     # -- drain and close -----------------------------------------------------------------------

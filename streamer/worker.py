@@ -117,7 +117,8 @@ def main(cfg: WorkerConfig, index: int, status: Connection, counters, stdin_fd: 
     if cfg.replay.pace != "timestamps":  # a paced worker wants its timers on time, not batch scheduling
         schedule_as_batch_work()
     # a batch body is built, sent and held until acknowledged, then freed: with glibc's defaults
-    # the next one faulted its pages in again (10 page faults per 1,000 messages, unthrottled)
+    # the next one faulted its pages in again (about 20,000 page faults a second per worker, two
+    # workers unthrottled; docs/BENCHMARKS.md)
     keep_freed_memory(2 * DEFAULT_WINDOW_BYTES)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole group; the parent decides
     setup_logging(cfg.log_level, cfg.log_format, component="worker", worker=index)

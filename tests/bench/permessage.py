@@ -4,12 +4,13 @@ each round compares the same moment's machine.
 
     python3 tests/bench/permessage.py                  # 2 workers, 2 rounds, about 1 minute
     python3 tests/bench/permessage.py --workers=1 --rounds=3
-    python3 tests/bench/permessage.py --rounds=4 --root=/tmp/before --root=.   # before/after A/B
+    python3 tests/bench/permessage.py --rounds=4 --root=/tmp/before --root=$PWD   # before/after A/B
 
 Each run: `--rate=0` on data/gpu_metrics.csv, 3 s warm-up, then an 8 s window; messages from the
 broker's /stats, CPU (utime + stime) from /proc for the streamer's process and for the rest of
 its tree (the fork server, idle, and the workers). --root runs the streamer of another checkout
-(e.g. `git worktree add /tmp/before <commit>`); the rounds alternate between them too.
+(e.g. `git worktree add /tmp/before <commit>`) on this checkout's CSV; the rounds alternate
+between them too, in reverse order every other round.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def measure(workers: int, persistence_dir: str | None, warmup: float = 3.0, wind
         sys.executable,
         "-m",
         "streamer",
-        f"--csv={root}/data/gpu_metrics.csv",
+        f"--csv={ROOT}/data/gpu_metrics.csv",  # the same rows for every checkout
         f"--workers={workers}",
         "--rate=0",
         "--broker-port=0",
@@ -66,6 +67,8 @@ def measure(workers: int, persistence_dir: str | None, warmup: float = 3.0, wind
         proc.send_signal(signal.SIGINT)
         proc.wait(60)
     n = after - before
+    if n <= 0:
+        raise SystemExit(f"no message was acknowledged in the {window:.0f} s window")
     main, rest = main1 - main0, (all1 - all0) - (main1 - main0)
     return n / (t1 - t0), main / n * 1e6, rest / n * 1e6
 
@@ -77,10 +80,10 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=8.0)
     parser.add_argument("--root", action="append", help="a checkout whose streamer to run (repeatable; default: this one)")
     args = parser.parse_args()
-    roots = [os.path.abspath(r) for r in args.root or [ROOT]]
+    roots = list(dict.fromkeys(os.path.abspath(r) for r in args.root or [ROOT]))
     results: dict[tuple[str, bool], list[tuple[float, float, float]]] = {(r, p): [] for r in roots for p in (True, False)}
     for round_ in range(args.rounds):
-        for root in roots:
+        for root in roots if round_ % 2 == 0 else roots[::-1]:  # a drift in the machine's speed favours neither
             for persistence in (True, False):
                 log_dir = tempfile.mkdtemp(prefix="permessage-") if persistence else None
                 try:
