@@ -292,22 +292,31 @@ def test_the_fork_server_is_a_fork_of_the_streamer_unless_a_thread_runs(tmp_path
     assert "held.txt" not in fds and all(fd.startswith(("'/dev/null'", "'pipe:", "'socket:", "'anon_inode:")) for fd in fds.strip("[]\n").split(", ")), fds
 
 
-def test_a_publisher_hands_its_batches_to_zeromq_without_the_garbage_collector_thread(monkeypatch):
+_BODY = b"\n".join([b'{"v":%d}' % i for i in range(20_000)])  # 20,000 messages, well past pyzmq's copy threshold (64 KiB)
+
+
+@pytest.fixture
+def lent(monkeypatch) -> list[tuple]:
+    """The buffers lent to ZeroMQ from now on (pyzmq's garbage collector stores each one)."""
+    from zmq.utils import garbage
+
+    stored: list[tuple] = []
+    store = garbage.gc.store
+    monkeypatch.setattr(garbage.gc, "store", lambda *args: stored.append(args) or store(*args))
+    return stored
+
+
+def test_a_publisher_hands_its_batches_to_zeromq_without_the_garbage_collector_thread(lent):
     """A batch body is copied into ZeroMQ (one memcpy) instead of lent to it: a lent (zero-copy)
     buffer is released by pyzmq's garbage-collector thread, one GIL hand-over per batch, and in a
     busy worker that thread fell behind, freed batches in bursts and made the heap shrink and grow
     again (about 20,000 page faults a second per worker with two workers; docs/BENCHMARKS.md)."""
     import asyncio
 
-    from zmq.utils import garbage
-
     from broker import protocol as p
     from broker.client import Publisher
 
-    lent = []
-    store = garbage.gc.store
-    monkeypatch.setattr(garbage.gc, "store", lambda *args: lent.append(args) or store(*args))
-    body = b"\n".join([b'{"v":%d}' % i for i in range(20_000)])  # well past pyzmq's copy threshold (64 KiB)
+    body = _BODY
     with fake_broker() as (router, url):
 
         async def scenario() -> bytes:
@@ -328,21 +337,16 @@ def test_a_publisher_hands_its_batches_to_zeromq_without_the_garbage_collector_t
     assert lent == []
 
 
-def test_resent_batches_are_lent_to_zeromq_so_an_outage_does_not_pile_up_copies(monkeypatch):
+def test_resent_batches_are_lent_to_zeromq_so_an_outage_does_not_pile_up_copies(lent):
     """While the broker does not answer, ZeroMQ queues every resend (up to SNDHWM): a resend lends
     the body the window already holds, so resends add no memory (copied, each resend of a 16 MiB
     window would add 16 MiB until the queue is full)."""
     import asyncio
 
-    from zmq.utils import garbage
-
     from broker import protocol as p
     from broker.client import Publisher
 
-    lent = []
-    store = garbage.gc.store
-    monkeypatch.setattr(garbage.gc, "store", lambda *args: lent.append(args) or store(*args))
-    body = b"\n".join([b'{"v":%d}' % i for i in range(20_000)])
+    body = _BODY
     with fake_broker() as (router, url):  # receives, never acknowledges
 
         async def scenario() -> int:

@@ -57,6 +57,15 @@ def tree(root: int) -> list[int]:
     return found
 
 
+def name_of(pid: int) -> str:
+    """The process's name (/proc/PID/comm: `worker-0`, `forkserver`), "" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def cpu_seconds(pids: list[int]) -> float:
     total = 0
     for pid in pids:

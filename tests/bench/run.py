@@ -41,7 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path[:0] = [ROOT, HERE]
 
-from efficiency import tree  # noqa: E402
+from efficiency import name_of, tree  # noqa: E402
 from throughput import measure, start, stats, stop  # noqa: E402
 
 from broker import protocol as p  # noqa: E402
@@ -235,21 +235,13 @@ def _kb(pid: int, field: str) -> int:
     return 0
 
 
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
 def memory(csv_path: str, seconds: float) -> dict:
     proc, http, _ = start([f"--csv={csv_path}", "--workers=1", "--rate=0"])
     try:
         time.sleep(seconds / 4)
         broker_early = _kb(proc.pid, "VmRSS")
         time.sleep(seconds * 3 / 4)
-        workers = [pid for pid in tree(proc.pid) if _comm(pid).startswith("worker-")]  # the fork server's children
+        workers = [pid for pid in tree(proc.pid) if name_of(pid).startswith("worker-")]  # the fork server's children
         worker_peak = max(_kb(pid, "VmHWM") for pid in workers)
         broker_late, broker_peak = _kb(proc.pid, "VmRSS"), _kb(proc.pid, "VmHWM")
         sent = stats(http)["messages"]
